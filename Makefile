@@ -1,0 +1,53 @@
+# clustertune: `make smoke` and `make test` work on a fresh machine (they create .venv).
+# torch is installed first and only if missing: TORCH=... picks the build. The default
+# takes the CPU wheel cached on CPU-only CI machines; on a GPU machine, `make TORCH=torch`
+# (or pre-install the CUDA build you want in .venv) — nothing else pins torch.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+NPROC ?= 2
+CACHE ?= .cache
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export CLUSTERTUNE_CACHE := $(abspath $(CACHE))
+
+.PHONY: install smoke smoke-train smoke-eval test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+assets: $(VENV)/.installed
+	$(PY) -m clustertune.smoke --cache-dir $(CACHE)
+
+# 2-process ZeRO-2 LoRA fine-tune of the tiny local T5, eval loss before and after.
+# Always a fresh run: outputs/smoke_lora is the smoke's own folder and is replaced.
+smoke: $(VENV)/.installed
+	$(PY) -m clustertune.smoke --cache-dir $(CACHE)
+	rm -rf outputs/smoke_lora
+	$(BIN)/clustertune-launch --config_file launch/zero2.yaml --num_processes $(NPROC) \
+	    recipes/finetune.py --config recipes/configs/smoke/lora.yaml
+	@echo "smoke: outputs in outputs/smoke_lora (metrics.jsonl, training_curves.png, final/)"
+
+# The whole suite, slow tiers included (multi-process, DeepSpeed, SLURM).
+test: $(VENV)/.installed
+	$(PY) -m clustertune.smoke --cache-dir $(CACHE)
+	$(PY) -m pytest --durations=15
+
+# Unit tier only (seconds).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not multiproc and not slurm"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src recipes tests slurm benchmarks
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,39 @@
+"""Full or LoRA fine-tuning of a seq2seq or decoder-only LM, on 1 to N GPUs.
+
+    accelerate launch --config_file launch/zero2.yaml recipes/finetune.py \
+        --config recipes/configs/flan_t5_base/lora.yaml [--section.key=value ...]
+    python recipes/finetune.py --config recipes/configs/smoke/lora.yaml   # one process
+
+Exit codes: 0 done (or already finished), 2 bad config/input, 75 stopped by a signal after
+saving a checkpoint (requeue and rerun the same command to continue).
+"""
+
+import os
+import sys
+
+from clustertune.config import FinetuneConfig, parse_config
+from clustertune.errors import EXIT_REQUEUE, exit_on_user_error
+from clustertune.signals import STATUS_FILE_ENV, StopForRequeue
+from clustertune.train import Trainer
+
+
+@exit_on_user_error
+def main() -> int:
+    cfg = parse_config(FinetuneConfig)
+    trainer = Trainer(cfg)
+    if not trainer.setup():
+        return 0  # already finished
+    try:
+        trainer.train()
+    except StopForRequeue as stop:
+        print(f"clustertune: {stop}", file=sys.stderr, flush=True)
+        # Under clustertune-launch the status file carries the verdict and the wrapper exits
+        # 75; exiting 0 here keeps torchrun from reporting a stop as a crash.
+        return 0 if os.environ.get(STATUS_FILE_ENV) else EXIT_REQUEUE
+    trainer.save_final()
+    trainer.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

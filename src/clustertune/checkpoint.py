@@ -1,0 +1,148 @@
+"""Atomic, resumable checkpoints under <output_dir>/checkpoints/step_N/.
+
+A checkpoint is written into checkpoints/.tmp-step_N/ by every rank; only when all ranks
+have finished (a barrier) does the main process write COMPLETE.json and rename the folder
+into place. A kill at any moment leaves the previous checkpoints plus at most a .tmp-
+folder, which resume ignores and the next save removes. Old checkpoints are pruned only
+after a new one is complete.
+
+Weights and optimizer state we write ourselves use safetensors / torch.save of plain
+tensors, read back with weights_only=True. DeepSpeed's engine files are DeepSpeed's own
+format (it reads them with torch.load); they are only ever read from our own output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE.json"
+TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_TAG = "engine"
+CRASH_ENV = "CLUSTERTUNE_TEST_CRASH_IN_SAVE"  # test-only fault injection: "RANK:STEP"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, output_dir: Path, accelerator: Any, keep_last: int) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+        self.accelerator = accelerator
+        self.keep_last = max(1, keep_last)
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first. A folder without the marker is never used."""
+        found = []
+        if self.root.is_dir():
+            for path in self.root.glob("step_*"):
+                if (path / MARKER).is_file() and path.name[5:].isdigit():
+                    found.append((int(path.name[5:]), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1][1] if found else None
+
+    def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any,
+             is_deepspeed: bool, trainer_state: dict[str, Any]) -> Path:
+        """Collective: every rank must call it. Returns the completed folder."""
+        accel = self.accelerator
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp-step_{step}"
+        if accel.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-step_*"):  # left by a kill during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        accel.wait_for_everyone()
+        if is_deepspeed:
+            # every rank writes its own ZeRO partition of parameters and optimizer state
+            model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
+        elif accel.is_main_process:
+            unwrapped = accel.unwrap_model(model)
+            trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp / "trainable_parameters.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accel.is_main_process:  # the LR schedule is ours on every path, identical on all ranks
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{accel.process_index}.pt")
+        if os.environ.get(CRASH_ENV) == f"{accel.process_index}:{step}":
+            os._exit(99)  # test-only: die after this rank's writes, before the others finish
+        accel.wait_for_everyone()  # every rank has finished writing
+        if accel.is_main_process:
+            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+            write_json_atomic(tmp / MARKER, {"step": step, "world_size": accel.num_processes})
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            for _, old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        accel.wait_for_everyone()
+        return final
+
+    def load(self, path: Path, *, model: Any, optimizer: Any, scheduler: Any, is_deepspeed: bool) -> dict[str, Any]:
+        """Restore model, optimizer, schedule and this rank's RNG; return the trainer state."""
+        accel = self.accelerator
+        if is_deepspeed:
+            load_path, _ = model.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        else:
+            unwrapped = accel.unwrap_model(model)
+            saved = load_file(str(path / "trainable_parameters.safetensors"))
+            result = unwrapped.load_state_dict(saved, strict=False)
+            if result.unexpected_keys:
+                raise RuntimeError(f"checkpoint {path} has parameters this model lacks: {result.unexpected_keys[:5]}")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng_rank{accel.process_index}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((path / TRAINER_STATE).read_text())

@@ -1,0 +1,192 @@
+"""The Accelerator, DeepSpeed config filling, and the two ways an optimizer step is driven."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clustertune.errors import UserError
+
+
+def launched_world_size() -> int:
+    """World size from the launcher's environment, known before any process group exists,
+    so batch arithmetic can be checked before anything expensive starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_config_path() -> str | None:
+    """The DeepSpeed JSON named by the accelerate launch file, if this is a DeepSpeed launch."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+
+
+def _set_dotted(config: dict, dotted: str, value: Any) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _autos(config: Any, prefix: str = "") -> list[str]:
+    if isinstance(config, dict):
+        return [k for key, value in config.items() for k in _autos(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if config == "auto" else []
+
+
+# Filled by accelerate from model.config.hidden_size when the model is prepared.
+HIDDEN_SIZE_KEYS = {
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+}
+
+
+def fill_deepspeed_config(
+    raw: dict, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
+    max_grad_norm: float, dtype: str,
+) -> dict:
+    """Replace every "auto" with the value the training config owns; no value lives twice.
+
+    train_batch_size = micro_batch_size x grad_accum_steps x world_size (DeepSpeed asserts it).
+    """
+    config = copy.deepcopy(raw)
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise UserError(
+                f"the DeepSpeed config defines '{key}'; remove it: the training config owns the "
+                "optimizer (train.learning_rate, ...) and the schedule (train.lr_schedule)."
+            )
+    owned = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": max_grad_norm,
+        "bf16.enabled": dtype == "bf16",
+        "fp16.enabled": dtype == "fp16",
+    }
+    for dotted, value in owned.items():
+        _set_dotted(config, dotted, value)
+    leftover = [key for key in _autos(config) if key not in HIDDEN_SIZE_KEYS]
+    if leftover:
+        raise UserError(f"the DeepSpeed config has 'auto' for {leftover}, which no training setting owns; give numbers.")
+    return config
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    if ds_config is None:
+        return 0
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict | None) -> bool:
+    device = (ds_config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def load_deepspeed_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read the DeepSpeed config '{path}' named by the launch file: {error}") from None
+
+
+def build_accelerator(
+    *, ds_config: dict | None, dtype: str, project_dir: str, report_to: list[str], zero3_init: bool = True
+) -> Any:
+    """Create the Accelerator for this launch, correct on GPU and on CPU-only machines.
+
+    CPU-only workarounds (../shared/PITFALLS.md):
+    - DeepSpeed: accelerate 1.15 reports num_processes == 1 under a 2-process launch unless a
+      gloo PartialState exists first; DeepSpeed's batch assertion then fails.
+    - DDP launch files (distributed_type MULTI_GPU): without cpu=True accelerate sets
+      distributed_type NO and every rank silently trains alone. cpu=True gives MULTI_CPU,
+      real DDP over gloo.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    has_cuda = torch.cuda.is_available()
+    mixed_precision = {"bf16": "bf16", "fp16": "fp16"}.get(dtype, "no")
+    kwargs: dict[str, Any] = dict(
+        mixed_precision=mixed_precision,
+        project_dir=project_dir,
+        log_with=report_to or None,
+        # The schedule is stepped once per optimizer step by us (or by the DeepSpeed engine);
+        # accelerate's default steps it num_processes times per call.
+        step_scheduler_with_optimizer=False,
+    )
+    if ds_config is not None:
+        if not has_cuda:
+            PartialState(backend="gloo")
+        # zero3_init: build the model already partitioned (ZeRO-3 zero.Init), so no rank ever
+        # holds all weights. Off for models whose loading is wrong under it (see modeling.py).
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage(ds_config) == 3 and zero3_init)
+        kwargs["deepspeed_plugin"] = plugin
+        kwargs["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
+    elif not has_cuda and launched_world_size() > 1:
+        kwargs["cpu"] = True
+    return Accelerator(**kwargs)
+
+
+class DeepSpeedStepper:
+    """Under DeepSpeed the engine owns accumulation, clipping and the optimizer step; the LR
+    schedule is ours (accelerate hands only DeepSpeed's own schedulers to the engine).
+
+    engine.backward divides the loss by grad_accum_steps and the engine averages gradients
+    over ranks, so the caller's loss is pre-multiplied by both (see loss_multiplier).
+    """
+
+    def __init__(self, engine: Any, scheduler: Any) -> None:
+        self.engine, self.scheduler = engine, scheduler
+
+    def micro_step(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # ZeRO reduces gradients at the boundary itself
+
+    def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(is_last_micro_batch)
+        self.engine.backward(loss)
+        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def optimizer_step(self) -> float:
+        self.scheduler.step()  # once per optimizer step, after the engine's boundary step
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def loss_multiplier(self, world_size: int, grad_accum_steps: int) -> int:
+        return world_size * grad_accum_steps
+
+
+class DDPStepper:
+    """Plain PyTorch / DDP: accumulate under no_sync, then clip and step ourselves."""
+
+    def __init__(self, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float) -> None:
+        self.accelerator, self.model = accelerator, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.max_grad_norm = max_grad_norm
+
+    def micro_step(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        # DDP decides in forward whether backward all-reduces: wrap forward and backward.
+        return contextlib.nullcontext() if is_last_micro_batch else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def loss_multiplier(self, world_size: int, grad_accum_steps: int) -> int:
+        return world_size  # DDP averages gradients over ranks; accumulation just sums

@@ -1,0 +1,96 @@
+"""`clustertune-launch`: `accelerate launch` with signals that reach the training processes.
+
+    clustertune-launch --config_file launch/zero2.yaml --num_processes 2 recipes/finetune.py --config ...
+
+Why a wrapper (../shared/PITFALLS.md, "Process trees", "SLURM and preemption"):
+- torchrun (inside accelerate launch) forwards only SIGINT/TERM/HUP/QUIT to its workers, and
+  SIGUSR1/USR2 (what SLURM and submitit send before a time limit) kill the launcher itself,
+  leaving the workers orphaned; it starts workers in new sessions, so a signal to the
+  launcher's process group never reaches them either.
+- After a forwarded SIGTERM torchrun kills workers that have not exited within 30 s, which
+  can cut a checkpoint short.
+So this wrapper runs accelerate launch in its own session and sends each stop signal
+(TERM, INT, USR1, USR2, HUP) straight to the workers (the launcher's children), which save
+a checkpoint together and exit. torchrun reports that as a failed worker; the workers'
+status file tells the wrapper it was a clean stop, and it exits with EXIT_REQUEUE (75).
+If the wrapper itself dies, PR_SET_PDEATHSIG sends the launcher SIGTERM, which torchrun
+forwards, so no worker is left running unobserved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from clustertune.errors import EXIT_REQUEUE
+from clustertune.signals import STATUS_FILE_ENV
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    result, frontier = [], [pid]
+    while frontier:
+        kids = [c for p in frontier for c in children(p)]
+        result += kids
+        frontier = kids
+    return result
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run(accelerate_args: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix="clustertune-launch-") as scratch:
+        status_file = Path(scratch) / "status"
+        env = dict(os.environ, **{STATUS_FILE_ENV: str(status_file)})
+        command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args]
+        launcher = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+        def forward(signum: int, frame: object) -> None:
+            # The launcher's direct children are the workers (torchrun's, or the single
+            # process of a one-process launch). Signalling the launcher itself would kill it.
+            workers = children(launcher.pid)
+            for pid in workers or [launcher.pid]:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+        for sig in FORWARDED:
+            signal.signal(sig, forward)
+        code = launcher.wait()
+        stopped = status_file.is_file() and status_file.read_text().strip() == "requeue"
+        if stopped:
+            print(f"clustertune-launch: workers saved a checkpoint and stopped; exit {EXIT_REQUEUE} (requeue)",
+                  file=sys.stderr, flush=True)
+            return EXIT_REQUEUE
+        return code if code >= 0 else 128 - code
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

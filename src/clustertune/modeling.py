@@ -1,0 +1,136 @@
+"""Building the model: kind (seq2seq or causal) from its config, precision, dropout, LoRA."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from clustertune.config import ModelConfig, PeftConfig
+from clustertune.errors import UserError
+
+T5_FAMILY = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
+
+
+def _explain_load_error(name: str, error: Exception) -> UserError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    offline = " (HF_HUB_OFFLINE is set: the model must already be in the HF cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return UserError(
+        f"model.name_or_path: cannot load '{name}'{offline}: {first_line}. Give a folder with "
+        "config.json and weights, or a hub id reachable from this machine."
+    )
+
+
+def load_model_config(name: str) -> Any:
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as error:  # OSError, ValueError, EnvironmentError from the hub client
+        raise _explain_load_error(name, error) from None
+
+
+def load_tokenizer(name: str) -> Any:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as error:
+        raise _explain_load_error(name, error) from None
+    if tokenizer.pad_token_id is None:  # decoder-only tokenizers often lack one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def supports_zero3_init(model_config: Any) -> bool:
+    """Whether loading under DeepSpeed zero.Init gives the same model as a normal load.
+
+    Not for T5: transformers 5 always declares T5's head tied to the input embeddings and
+    unties it at load time only when the checkpoint's two tensors differ (FLAN-T5's do).
+    Under zero.Init the parameters are partitioned and that check cannot happen, so the head
+    silently becomes the embedding matrix (seen here: initial loss 39.6 instead of 7.7).
+    Such models are loaded whole on each rank's CPU and partitioned by deepspeed.initialize.
+    """
+    return model_config.model_type not in T5_FAMILY
+
+
+def model_kind(model_config: Any) -> str:
+    return "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "causal"
+
+
+def resolve_dtype(requested: str, model_config: Any) -> str:
+    """Pick bf16/fp32 for `auto`; refuse fp16 for T5, whose activations overflow it."""
+    if requested not in ("auto", "bf16", "fp32", "fp16"):
+        raise UserError(f"model.dtype={requested!r} is not one of auto, bf16, fp32, fp16.")
+    if requested == "fp16" and model_config.model_type in T5_FAMILY:
+        raise UserError(
+            f"model.dtype=fp16 with a {model_config.model_type} model: T5 was trained in bfloat16 and its "
+            "activations overflow fp16 (NaN loss, transformers #14189); use model.dtype=bf16 or fp32."
+        )
+    if requested == "auto":
+        has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if has_bf16 else "fp32"
+    if requested in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise UserError(f"model.dtype={requested} needs a GPU; this machine has none, use fp32 or auto.")
+    return requested
+
+
+def override_dropout(model_config: Any, dropout: float | None) -> list[str]:
+    """Set every dropout probability in the config (T5 dropout_rate, BART dropout, GPT *_pdrop)."""
+    if dropout is None:
+        return []
+    changed = []
+    for key, value in model_config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+            setattr(model_config, key, dropout)
+            changed.append(key)
+    return changed
+
+
+def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any) -> Any:
+    """Load weights in fp32 (master weights); bf16 compute comes from accelerate/DeepSpeed."""
+    override_dropout(model_config, cfg.dropout)
+    auto_class = AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
+    try:
+        model = auto_class.from_pretrained(cfg.name_or_path, config=model_config, dtype=torch.float32)
+    except Exception as error:
+        raise _explain_load_error(cfg.name_or_path, error) from None
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg.method == "lora":
+        model = apply_lora(model, peft_cfg, model_config)
+    elif peft_cfg.method != "none":
+        raise UserError(f"peft.method={peft_cfg.method!r} is not one of none, lora.")
+    return model
+
+
+def apply_lora(model: Any, peft_cfg: PeftConfig, model_config: Any) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = list(peft_cfg.target_modules) or (["q", "v"] if model_config.model_type in T5_FAMILY else None)
+    task = TaskType.SEQ_2_SEQ_LM if model_kind(model_config) == "seq2seq" else TaskType.CAUSAL_LM
+    lora = LoraConfig(
+        task_type=task, r=peft_cfg.r, lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout, target_modules=targets,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise UserError(f"peft.target_modules: {str(error).splitlines()[0]}") from None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total). Under ZeRO-3 a partitioned parameter has shape [0]; ds_numel is
+    its real size, so the counts are right whether or not the model is partitioned."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        numel = getattr(parameter, "ds_numel", parameter.numel())
+        total += numel
+        if parameter.requires_grad:
+            trainable += numel
+    return trainable, total
+
+
+def is_peft_model(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

@@ -1,0 +1,115 @@
+"""Deterministic, length-grouped global batches that do not depend on the cluster shape.
+
+Every rank computes the same plan from (seed, epoch, lengths), so no indices are exchanged:
+1. shuffle all example indices with the epoch's seed;
+2. cut the shuffled list into groups of `length_group_size` global batches, sort each group
+   by length and cut it into global batches (similar lengths together: little padding);
+3. shuffle the order of the global batches (so training does not see lengths in order);
+4. split each global batch, sorted by length, into world_size x grad_accum_steps
+   contiguous micro-batches; micro-batch k goes to rank k % world_size at accumulation
+   step k // world_size.
+Steps 1-3 depend only on the seed and global_batch_size, so 1 rank x micro 8 and
+2 ranks x micro 2 x accum 2 train on exactly the same examples in every optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from clustertune.errors import UserError
+
+
+def derive_grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """global_batch_size = micro_batch_size x grad_accum_steps x world_size, or a UserError."""
+    per_step = micro_batch_size * world_size
+    if micro_batch_size < 1 or global_batch_size < 1:
+        raise UserError("train.global_batch_size and train.micro_batch_size must be positive.")
+    if global_batch_size % per_step:
+        fits = [m for m in range(1, global_batch_size + 1) if global_batch_size % (m * world_size) == 0]
+        raise UserError(
+            f"train.global_batch_size={global_batch_size} is not divisible by "
+            f"micro_batch_size={micro_batch_size} x world_size={world_size} = {per_step}; "
+            f"use a micro_batch_size in {fits or 'none (change global_batch_size)'} or set "
+            f"global_batch_size to a multiple of {per_step}."
+        )
+    return global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class GlobalBatchPlan:
+    source_lengths: np.ndarray  # primary sort key
+    target_lengths: np.ndarray  # tie-break, and the loss denominator
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+    rank: int
+    seed: int
+    length_group_size: int = 50
+
+    def __post_init__(self) -> None:
+        if len(self.source_lengths) < self.global_batch_size:
+            raise UserError(
+                f"the training data has {len(self.source_lengths)} examples, fewer than "
+                f"train.global_batch_size={self.global_batch_size}; lower the global batch size."
+            )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return derive_grad_accum_steps(self.global_batch_size, self.micro_batch_size, self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # The remainder (N mod global_batch_size) is dropped each epoch; a different
+        # remainder each epoch, since the shuffle changes.
+        return len(self.source_lengths) // self.global_batch_size
+
+    def _sort_by_length(self, indices: np.ndarray) -> np.ndarray:
+        # Longest first; lexsort's last key is primary. Ties broken by index: deterministic.
+        order = np.lexsort((indices, -self.target_lengths[indices], -self.source_lengths[indices]))
+        return indices[order]
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        shuffled = rng.permutation(len(self.source_lengths))
+        used = shuffled[: self.steps_per_epoch * self.global_batch_size]
+        group = self.length_group_size * self.global_batch_size
+        batches = []
+        for start in range(0, len(used), group):
+            grouped = self._sort_by_length(used[start : start + group])
+            batches += [grouped[i : i + self.global_batch_size] for i in range(0, len(grouped), self.global_batch_size)]
+        order = rng.permutation(len(batches))
+        return [batches[i] for i in order]
+
+    def micro_batches(self, global_batch: np.ndarray) -> list[np.ndarray]:
+        """This rank's micro-batches of one global batch, in accumulation order."""
+        ordered = self._sort_by_length(global_batch)
+        size = self.micro_batch_size
+        return [
+            ordered[(a * self.world_size + self.rank) * size : (a * self.world_size + self.rank + 1) * size]
+            for a in range(self.grad_accum_steps)
+        ]
+
+    def target_tokens(self, global_batch: np.ndarray) -> int:
+        """Loss denominator: target tokens of the whole global batch, known on every rank."""
+        return int(self.target_lengths[global_batch].sum())
+
+
+def eval_micro_batches(
+    lengths: Sequence[int], micro_batch_size: int, world_size: int, rank: int
+) -> list[tuple[np.ndarray, bool]]:
+    """Length-sorted eval micro-batches for this rank, as (indices, counts) pairs.
+
+    Every rank gets the same number of micro-batches (ZeRO-3 gathers parameters in each
+    forward, so all ranks must run the same number of forwards); the padding ones repeat a
+    real micro-batch with counts=False and must not contribute to the loss.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    mine = [(chunks[k], True) for k in range(rank, len(chunks), world_size)]
+    per_rank = -(-len(chunks) // world_size)
+    while len(mine) < per_rank:
+        mine.append((chunks[-1], False))
+    return mine

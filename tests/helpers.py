@@ -1,0 +1,75 @@
+"""Shared helpers for the test tiers: running recipes for real and reading their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def recipe_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def launch_command(script: str, args: list[str], *, launch: str | None = None, nproc: int = 1,
+                   wrapper: bool = True) -> list[str]:
+    """`python script` for one plain process, else (clustertune-)accelerate launch."""
+    if launch is None:
+        return [sys.executable, str(REPO / script), *args]
+    launcher = [str(VENV_BIN / "clustertune-launch")] if wrapper else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*launcher, "--config_file", str(REPO / "launch" / f"{launch}.yaml"),
+            "--num_processes", str(nproc), str(REPO / script), *args]
+
+
+def run(command: list[str], *, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=env or recipe_env(), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def descendants(pid: int) -> list[int]:
+    from clustertune.launch import descendants as tree
+
+    return tree(pid)
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Kill a launcher and every process under it (torchrun workers live in new sessions)."""
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> int:
+    """Poll metrics.jsonl until a train record with step >= `step` appears; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"run exited with {process.returncode} before step {step}")
+        losses = train_losses(output_dir) if (Path(output_dir) / "metrics.jsonl").exists() else {}
+        if losses and max(losses) >= step:
+            return max(losses)
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}"

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import describe, kill_tree, launch_command, recipe_env, run, train_losses, wait_for_step
+from helpers import (
+    describe,
+    kill_tree,
+    launch_command,
+    recipe_env,
+    run,
+    train_losses,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.multiproc
 

@@ -70,6 +70,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. A folder without the marker is never used."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for path in root.glob("step_*"):
+            if (path / MARKER).is_file() and path.name[5:].isdigit():
+                found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
 class Checkpointer:
     def __init__(self, output_dir: Path, accelerator: Any, keep_last: int) -> None:
         self.root = Path(output_dir) / "checkpoints"
@@ -77,17 +93,7 @@ class Checkpointer:
         self.keep_last = max(1, keep_last)
 
     def complete(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first. A folder without the marker is never used."""
-        found = []
-        if self.root.is_dir():
-            for path in self.root.glob("step_*"):
-                if (path / MARKER).is_file() and path.name[5:].isdigit():
-                    found.append((int(path.name[5:]), path))
-        return sorted(found)
-
-    def latest(self) -> Path | None:
-        found = self.complete()
-        return found[-1][1] if found else None
+        return complete_checkpoints(self.root.parent)
 
     def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any,
              is_deepspeed: bool, trainer_state: dict[str, Any]) -> Path:

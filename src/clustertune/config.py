@@ -76,8 +76,11 @@ class TrainConfig:
     num_epochs: int = 1
     # Examples per optimizer step = micro_batch_size x grad_accum_steps x world_size.
     global_batch_size: int = 32
-    # Examples per forward pass on one rank; grad_accum_steps is derived from it.
-    micro_batch_size: int = 8
+    # Examples per forward pass on one rank, or auto: the largest that fits (all ranks agree,
+    # worst-case lengths, forward+backward+optimizer step). grad_accum_steps is derived from it.
+    micro_batch_size: int | str = 8
+    # auto: use at most (1 - margin) x the largest micro-batch that fitted.
+    auto_batch_margin: float = 0.1
     # Peak learning rate (seed: 1e-5 full fine-tune, 1e-3 LoRA).
     learning_rate: float = 1e-5
     # Linear warmup from 0 to learning_rate.

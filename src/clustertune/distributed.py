@@ -98,8 +98,50 @@ def load_deepspeed_json(path: str) -> dict:
         raise UserError(f"cannot read the DeepSpeed config '{path}' named by the launch file: {error}") from None
 
 
+def init_process_state(use_deepspeed: bool) -> Any:
+    """The process group, before the Accelerator (auto batch sizing needs it first).
+
+    On CPU-only machines: gloo for DeepSpeed (else accelerate 1.15 reports one process), and
+    cpu=True for DDP launch files (else distributed_type is NO and no DDP wrapping happens).
+    Idempotent: PartialState is a singleton.
+    """
+    from accelerate import PartialState
+
+    if not torch.cuda.is_available():
+        if use_deepspeed:
+            return PartialState(backend="gloo")
+        if launched_world_size() > 1:
+            return PartialState(cpu=True)
+    return PartialState()
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True only if `ok` on every rank (all-reduce MIN); every rank must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    from accelerate import PartialState
+
+    flag = torch.tensor([1 if ok else 0], device=PartialState().device, dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def fill_hidden_size_autos(ds_config: dict, model_config: Any) -> dict:
+    """Bucket sizes from the model width, as accelerate does when it prepares a model."""
+    hidden = getattr(model_config, "hidden_size", None) or model_config.d_model
+    zero = ds_config.get("zero_optimization", {})
+    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    return ds_config
+
+
 def build_accelerator(
-    *, ds_config: dict | None, dtype: str, project_dir: str, report_to: list[str], zero3_init: bool = True
+    *, ds_config: dict | None, dtype: str, project_dir: str, report_to: list[str]
 ) -> Any:
     """Create the Accelerator for this launch, correct on GPU and on CPU-only machines.
 
@@ -110,7 +152,7 @@ def build_accelerator(
       distributed_type NO and every rank silently trains alone. cpu=True gives MULTI_CPU,
       real DDP over gloo.
     """
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
     has_cuda = torch.cuda.is_available()
@@ -123,12 +165,11 @@ def build_accelerator(
         # accelerate's default steps it num_processes times per call.
         step_scheduler_with_optimizer=False,
     )
+    init_process_state(use_deepspeed=ds_config is not None)
     if ds_config is not None:
-        if not has_cuda:
-            PartialState(backend="gloo")
-        # zero3_init: build the model already partitioned (ZeRO-3 zero.Init), so no rank ever
-        # holds all weights. Off for models whose loading is wrong under it (see modeling.py).
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage(ds_config) == 3 and zero3_init)
+        # Under ZeRO-3 the plugin's HfDeepSpeedConfig makes from_pretrained build the model
+        # already partitioned (zero.Init); modeling.build_model opts out where that is wrong.
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage(ds_config) == 3)
         kwargs["deepspeed_plugin"] = plugin
         kwargs["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
     elif not has_cuda and launched_world_size() > 1:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +54,23 @@ def supports_zero3_init(model_config: Any) -> bool:
     return model_config.model_type not in T5_FAMILY
 
 
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Load normally even though a ZeRO-3 HfDeepSpeedConfig is alive (accelerate's plugin
+    keeps one, and transformers then uses zero.Init in from_pretrained); restore it after,
+    since ZeRO-3 generation and saving consult it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    live = reference() if reference is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if live is not None:
+            hf_deepspeed.set_hf_deepspeed_config(live)
+
+
 def model_kind(model_config: Any) -> str:
     return "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "causal"
 
@@ -89,8 +108,10 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any) -> An
     """Load weights in fp32 (master weights); bf16 compute comes from accelerate/DeepSpeed."""
     override_dropout(model_config, cfg.dropout)
     auto_class = AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
+    loading = contextlib.nullcontext() if supports_zero3_init(model_config) else zero3_init_disabled()
     try:
-        model = auto_class.from_pretrained(cfg.name_or_path, config=model_config, dtype=torch.float32)
+        with loading:
+            model = auto_class.from_pretrained(cfg.name_or_path, config=model_config, dtype=torch.float32)
     except Exception as error:
         raise _explain_load_error(cfg.name_or_path, error) from None
     if cfg.gradient_checkpointing:

@@ -13,11 +13,13 @@ update, and short and long examples weigh by their tokens, not by their micro-ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,28 @@ import torch
 import torch.nn.functional as F
 
 from clustertune import data as data_lib
-from clustertune.checkpoint import TRAINER_STATE, Checkpointer, write_json_atomic
+from clustertune.autobatch import (
+    Prober,
+    SearchResult,
+    cache_key,
+    choose_micro_batch,
+    device_description,
+    read_cache,
+    search_largest,
+    to_json,
+    write_cache,
+)
+from clustertune.checkpoint import TRAINER_STATE, Checkpointer, latest_checkpoint, write_json_atomic
 from clustertune.config import FinetuneConfig, config_to_yaml, write_resolved_config
 from clustertune.distributed import (
     DDPStepper,
     DeepSpeedStepper,
+    all_ranks_agree,
     build_accelerator,
     deepspeed_config_path,
     fill_deepspeed_config,
+    fill_hidden_size_autos,
+    init_process_state,
     launched_world_size,
     load_deepspeed_json,
     offloads_optimizer,
@@ -48,7 +64,6 @@ from clustertune.modeling import (
     load_tokenizer,
     model_kind,
     resolve_dtype,
-    supports_zero3_init,
 )
 from clustertune.sampler import GlobalBatchPlan, derive_grad_accum_steps, eval_micro_batches
 from clustertune.signals import StopFlag, StopForRequeue, write_status
@@ -93,6 +108,22 @@ class WarmupDecay:
         return 1.0 - progress
 
 
+def build_optimizer(model: torch.nn.Module, t: Any, ds_config: dict | None) -> torch.optim.Optimizer:
+    """AdamW without decay on biases and norms; DeepSpeed's CPU Adam under ZeRO-Offload."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if "bias" in name or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # ZeRO drops empty groups (LoRA has no norms)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload wants its CPU Adam
+
+        return DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                eps=t.adam_epsilon, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
 def check_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -128,26 +159,39 @@ class Trainer:
         """Build everything; return False when the run already finished (nothing to do)."""
         cfg = self.cfg
         self._validate_before_compute()
-        self.accelerator = build_accelerator(
-            ds_config=self.ds_config, dtype=self.dtype, project_dir=str(self.output_dir),
-            report_to=cfg.train.report_to, zero3_init=supports_zero3_init(self.model_config),
-        )
-        accel = self.accelerator
-        if accel.num_processes != self.world_size:
-            raise RuntimeError(f"accelerate sees {accel.num_processes} processes, the launcher {self.world_size}")
-        self.is_main = accel.is_main_process
+        self.state = init_process_state(use_deepspeed=self.ds_raw is not None)
+        if self.state.num_processes != self.world_size:
+            raise RuntimeError(f"accelerate sees {self.state.num_processes} processes, the launcher {self.world_size}")
+        self.is_main = self.state.is_main_process
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
-        self._setup_data()
-        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.num_epochs * self.plan.steps_per_epoch
+        self._load_data()
+        steps_per_epoch = len(self.train_data) // cfg.train.global_batch_size
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.num_epochs * steps_per_epoch
         if self._already_finished():
             return False
-        self.checkpointer = Checkpointer(self.output_dir, accel, cfg.checkpoint.keep_last)
         resume_from = self._resume_path()
         if resume_from is not None:
             self._check_resumable(resume_from)
+        self.auto_batch = self._auto_micro_batch() if cfg.train.micro_batch_size == "auto" else None
+        self.micro_batch_size = self.auto_batch.chosen if self.auto_batch else cfg.train.micro_batch_size
+        self.grad_accum_steps = derive_grad_accum_steps(cfg.train.global_batch_size, self.micro_batch_size, self.world_size)
+        self.ds_config = None if self.ds_raw is None else fill_deepspeed_config(
+            self.ds_raw, micro_batch_size=self.micro_batch_size, grad_accum_steps=self.grad_accum_steps,
+            world_size=self.world_size, max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
+        self.accelerator = build_accelerator(
+            ds_config=self.ds_config, dtype=self.dtype, project_dir=str(self.output_dir),
+            report_to=cfg.train.report_to,
+        )
+        self.checkpointer = Checkpointer(self.output_dir, self.accelerator, cfg.checkpoint.keep_last)
+        self.plan = GlobalBatchPlan(
+            source_lengths=np.asarray(self.train_data["num_source_tokens"]),
+            target_lengths=np.asarray(self.train_data["num_target_tokens"]),
+            global_batch_size=cfg.train.global_batch_size, micro_batch_size=self.micro_batch_size,
+            world_size=self.world_size, rank=self.state.process_index, seed=cfg.seed,
+            length_group_size=cfg.data.length_group_size)
         if self.is_main:
             write_resolved_config(cfg, self.output_dir / "config.yaml", header=self._config_header())
         self._setup_model()
@@ -156,9 +200,11 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         elif self.is_main:
-            self.metrics.truncate_after(-1)  # resume: never -> a fresh metrics file
+            self.metrics.truncate_after(-1)  # a fresh run: a fresh metrics file
+        if self.auto_batch is not None:
+            self.metrics.write({"step": self.start_step, "event": "auto_batch", **to_json(self.auto_batch)})
         if cfg.train.report_to:
-            accel.init_trackers("clustertune", config=_flat_config(cfg))
+            self.accelerator.init_trackers("clustertune", config=_flat_config(cfg))
         self.stop_flag = StopFlag()
         self.stop_flag.install()
         return True
@@ -167,8 +213,13 @@ class Trainer:
         """Every user mistake we can see without a process group is raised here."""
         cfg = self.cfg
         self.world_size = launched_world_size()
-        self.grad_accum_steps = derive_grad_accum_steps(
-            cfg.train.global_batch_size, cfg.train.micro_batch_size, self.world_size)
+        if isinstance(cfg.train.micro_batch_size, str) and cfg.train.micro_batch_size != "auto":
+            raise UserError(f"train.micro_batch_size={cfg.train.micro_batch_size!r} must be a number or auto.")
+        if cfg.train.micro_batch_size != "auto":
+            derive_grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.world_size)
+        elif cfg.train.global_batch_size % self.world_size:
+            raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+                            f"world_size={self.world_size}; use a multiple of {self.world_size}.")
         if cfg.train.lr_schedule not in ("linear", "cosine", "constant"):
             raise UserError(f"train.lr_schedule={cfg.train.lr_schedule!r} is not one of linear, cosine, constant.")
         if cfg.peft.method not in ("none", "lora"):
@@ -192,22 +243,21 @@ class Trainer:
         self.kind = model_kind(self.model_config)
         self.dtype = resolve_dtype(cfg.model.dtype, self.model_config)
         ds_path = deepspeed_config_path()
-        self.ds_config = None
-        if ds_path:
-            self.ds_config = fill_deepspeed_config(
-                load_deepspeed_json(ds_path), micro_batch_size=cfg.train.micro_batch_size,
-                grad_accum_steps=self.grad_accum_steps, world_size=self.world_size,
-                max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
-        self.is_deepspeed = self.ds_config is not None
+        # "auto" entries stay until the micro-batch size is known (auto batch sizing)
+        self.ds_raw = load_deepspeed_json(ds_path) if ds_path else None
+        if self.ds_raw is not None:  # reject a config no setting can complete, before any compute
+            fill_deepspeed_config(self.ds_raw, micro_batch_size=1, grad_accum_steps=1, world_size=self.world_size,
+                                  max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
+        self.is_deepspeed = self.ds_raw is not None
 
-    def _setup_data(self) -> None:
-        cfg, accel = self.cfg, self.accelerator
+    def _load_data(self) -> None:
+        cfg, state = self.cfg, self.state
         d = cfg.data
         required = [*data_lib.template_fields(d.prompt_template), d.target_column]
         spec = data_lib.TokenizeSpec(self.kind, d.prompt_template, d.target_column, d.max_source_length, d.max_target_length)
         train_source = d.train_file or d.dataset
         eval_source = d.eval_file or (d.dataset if d.dataset and not d.train_file else None)
-        with accel.main_process_first():  # rank 0 tokenises and caches; the others read the cache
+        with state.main_process_first():  # rank 0 tokenises and caches; the others read the cache
             train = data_lib.load_split(train_source, split=d.train_split, required_columns=required,
                                         what="data.train_file" if d.train_file else "data.dataset")
             self.train_data = data_lib.tokenize_dataset(train, self.tokenizer, spec, d.num_proc)
@@ -218,21 +268,97 @@ class Trainer:
                 if d.max_eval_examples:
                     evaluation = evaluation.select(range(min(d.max_eval_examples, len(evaluation))))
                 self.eval_data = data_lib.tokenize_dataset(evaluation, self.tokenizer, spec, d.num_proc)
+        if len(self.train_data) < cfg.train.global_batch_size:
+            raise UserError(f"the training data has {len(self.train_data)} examples, fewer than "
+                            f"train.global_batch_size={cfg.train.global_batch_size}; lower the global batch size.")
         if self.is_main:
             print(data_lib.truncation_report(self.train_data, "train", spec), flush=True)
             if self.eval_data is not None:
                 print(data_lib.truncation_report(self.eval_data, "eval", spec), flush=True)
-        source_lengths = np.asarray(self.train_data["num_source_tokens"])
-        target_lengths = np.asarray(self.train_data["num_target_tokens"])
-        self.plan = GlobalBatchPlan(
-            source_lengths=source_lengths, target_lengths=target_lengths,
-            global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
-            world_size=self.world_size, rank=accel.process_index, seed=cfg.seed,
-            length_group_size=d.length_group_size)
         decoder_start = getattr(self.model_config, "decoder_start_token_id", None) if self.kind == "seq2seq" else None
         if self.kind == "seq2seq" and decoder_start is None:
             decoder_start = self.tokenizer.pad_token_id
         self.collator = data_lib.Collator(self.tokenizer.pad_token_id, decoder_start)
+
+    # ------------------------------------------------------------------ auto batch size
+    def _auto_micro_batch(self) -> SearchResult:
+        cfg, state = self.cfg, self.state
+        worst = {"source_tokens": int(max(self.train_data["num_source_tokens"])),
+                 "target_tokens": int(max(self.train_data["num_target_tokens"]))}
+        key = cache_key(device=device_description(), model=cfg.model.name_or_path,
+                        model_config=self.model_config.to_json_string(), worst_case=worst, dtype=self.dtype,
+                        peft=dataclasses.asdict(cfg.peft), deepspeed=self.ds_raw, world_size=self.world_size,
+                        gradient_checkpointing=cfg.model.gradient_checkpointing, kind=self.kind)
+        cache_file = self.output_dir / "auto_batch.json"
+        cached = read_cache(cache_file, key)
+        start = time.perf_counter()
+        if all_ranks_agree(cached is not None):  # a restarted or requeued job: no search
+            largest, probes, seconds, was_cached = cached["largest_fitting"], cached["probes"], cached["seconds"], True
+        else:
+            prober = Prober(self._build_probe, self._worst_case_batch(worst), state.process_index, all_ranks_agree)
+            # an upper bound: one rank's share of the global batch (accumulation 1)
+            largest, _ = search_largest(prober.fits, cfg.train.global_batch_size // self.world_size)
+            probes, seconds, was_cached = prober.trace, round(time.perf_counter() - start, 3), False
+            if self.is_main:
+                write_cache(cache_file, key, {"largest_fitting": largest, "probes": probes, "seconds": seconds})
+        chosen, note = choose_micro_batch(largest, cfg.train.global_batch_size, self.world_size, cfg.train.auto_batch_margin)
+        result = SearchResult(largest_fitting=largest, chosen=chosen,
+                              grad_accum_steps=cfg.train.global_batch_size // (chosen * self.world_size),
+                              probes=probes, worst_case_shape=worst, seconds=seconds, cached=was_cached, note=note)
+        if self.is_main:
+            how = "from cache" if was_cached else f"searched {len(probes)} sizes in {seconds:.1f} s"
+            print(f"auto micro-batch: largest fitting {largest}, chosen {chosen} "
+                  f"(margin {cfg.train.auto_batch_margin:.0%}), grad_accum_steps {result.grad_accum_steps} for "
+                  f"global_batch_size {cfg.train.global_batch_size}; {how}" + (f"; {note}" if note else ""), flush=True)
+        return result
+
+    def _worst_case_batch(self, worst: dict[str, int]) -> Callable[[int], dict[str, torch.Tensor]]:
+        """m copies of the longest source with the longest target: the largest batch the
+        pipeline can ever produce for micro-batch m."""
+        vocab = len(self.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        generator = torch.Generator().manual_seed(0)
+        source = torch.randint(3, vocab, (worst["source_tokens"],), generator=generator).tolist()
+        target = torch.randint(3, vocab, (worst["target_tokens"],), generator=generator).tolist()
+        source[-1] = target[-1] = eos
+        if self.kind == "causal":
+            example = {"input_ids": source + target, "labels": [data_lib.IGNORE_INDEX] * len(source) + target}
+        else:
+            example = {"input_ids": source, "labels": target}
+
+        def make(micro_batch_size: int) -> dict[str, torch.Tensor]:
+            batch = self.collator([example] * micro_batch_size)
+            return {k: v.to(self.state.device) for k, v in batch.items()}
+
+        return make
+
+    def _build_probe(self, micro_batch_size: int) -> tuple[Callable, Callable, Callable]:
+        """A fresh model + optimizer (+ DeepSpeed engine for this micro-batch) to probe with."""
+        cfg = self.cfg
+        model = build_model(cfg.model, cfg.peft, self.model_config)
+        optimizer = build_optimizer(model, cfg.train, self.ds_raw)
+        if self.ds_raw is not None:
+            import deepspeed
+
+            ds_config = fill_deepspeed_config(
+                self.ds_raw, micro_batch_size=micro_batch_size, grad_accum_steps=1, world_size=self.world_size,
+                max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
+            ds_config = fill_hidden_size_autos(ds_config, self.model_config)
+            ds_config["zero_allow_untested_optimizer"] = True
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+            def forward_backward(batch: dict[str, torch.Tensor]) -> None:
+                engine.backward(token_loss_sum(engine, batch, self.kind) / batch["labels"].numel())
+
+            return forward_backward, engine.step, engine.destroy
+        model.to(self.state.device)
+
+        def local_forward_backward(batch: dict[str, torch.Tensor]) -> None:
+            # No DDP wrapper here: the probe stays free of collectives, so a rank that runs out
+            # of memory cannot leave the others waiting inside an all-reduce.
+            (token_loss_sum(model, batch, self.kind) / batch["labels"].numel()).backward()
+
+        return local_forward_backward, optimizer.step, lambda: None
 
     def _already_finished(self) -> bool:
         marker = self.output_dir / "final" / FINAL_MARKER
@@ -250,7 +376,7 @@ class Trainer:
         if self.cfg.resume == "never":
             return None
         if self.cfg.resume == "auto":
-            return self.checkpointer.latest()
+            return latest_checkpoint(self.output_dir)
         return Path(self.cfg.resume)
 
     def _setup_model(self) -> None:
@@ -262,20 +388,8 @@ class Trainer:
                   f"{self.kind}, {cfg.peft.method}, dtype {self.dtype}, "
                   f"{'ZeRO-' + str(zero_stage(self.ds_config)) if self.is_deepspeed else 'DDP' if self.world_size > 1 else 'single process'}",
                   flush=True)
-        decay, no_decay = [], []
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                (no_decay if "bias" in name or "norm" in name.lower() else decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]  # ZeRO drops empty groups (LoRA has no norms)
         t = cfg.train
-        if offloads_optimizer(self.ds_config):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload wants its CPU Adam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                         eps=t.adam_epsilon, adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        optimizer = build_optimizer(model, t, self.ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(t.warmup_steps, self.total_steps, t.lr_schedule))
         # The schedule stays a plain LambdaLR that we step once per optimizer step in both
         # paths (accelerate's wrapper would step it num_processes times per call).
@@ -331,7 +445,7 @@ class Trainer:
         self.model.eval()
         lengths = np.asarray(self.eval_data["num_source_tokens"]) + np.asarray(self.eval_data["num_target_tokens"])
         totals = torch.zeros(2, device=accel.device, dtype=torch.float64)
-        for indices, counts in eval_micro_batches(lengths, self.cfg.train.micro_batch_size, self.world_size, accel.process_index):
+        for indices, counts in eval_micro_batches(lengths, self.micro_batch_size, self.world_size, accel.process_index):
             batch = self._to_device(indices, self.eval_data)
             loss_sum = token_loss_sum(self.model, batch, self.kind)
             if counts:

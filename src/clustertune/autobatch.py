@@ -1,0 +1,201 @@
+"""`train.micro_batch_size: auto` — the largest micro-batch that fits, agreed by all ranks.
+
+What the common tools get wrong (../shared/PITFALLS.md): the HF Trainer's
+auto_find_batch_size refuses DeepSpeed, and accelerate's find_executable_batch_size searches
+on each rank alone and shrinks by 0.9 per OOM. Here:
+- every candidate is probed with the worst-case shapes the data pipeline can produce (the
+  longest tokenised source and target, together in every row) through forward, backward AND
+  an optimizer step (Adam allocates its states on the first step);
+- under DeepSpeed the engine is built for each candidate (so ZeRO partitions, buckets and
+  offload are what the real run gets) and destroyed afterwards;
+- each probe is split into phases with an all-reduce(MIN) of "it fitted" after every phase,
+  so all ranks take the same path and stay in step for the collectives of the next phase;
+- the search doubles until a failure, then bisects: ~2 log2(limit) probes;
+- the result is cached in <output_dir>/auto_batch.json under a key of everything that changes
+  memory, so a restarted or requeued job does not search again.
+
+Limitation, by design: an out-of-memory error raised on only some ranks *inside* a ZeRO
+collective (mid-backward) cannot be recovered by any framework; identical shapes on every
+rank make OOMs symmetric on identical GPUs, and the margin keeps the run away from the edge.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clustertune.errors import UserError
+
+OOM_TEST_ENV = "CLUSTERTUNE_TEST_OOM_ABOVE"  # test-only: "4,2" = rank 0 fits <= 4, rank 1 <= 2
+
+
+@dataclass
+class SearchResult:
+    largest_fitting: int
+    chosen: int
+    grad_accum_steps: int
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    worst_case_shape: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+    note: str = ""
+
+
+def search_largest(fits: Callable[[int], bool], limit: int) -> tuple[int, list[int]]:
+    """Largest n in [1, limit] with fits(n), assuming fits is monotone. Grow by doubling, then
+    bisect between the last success and the first failure. Returns (n, sizes probed); n = 0
+    when even 1 does not fit."""
+    probed: list[int] = []
+
+    def check(n: int) -> bool:
+        probed.append(n)
+        return fits(n)
+
+    good, bad, n = 0, None, 1
+    while n <= limit:
+        if not check(n):
+            bad = n
+            break
+        good, n = n, n * 2
+    if bad is None:
+        if good == limit:
+            return good, probed
+        bad = limit + 1  # every doubling fitted; the next one passed the limit
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if check(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, probed
+
+
+def choose_micro_batch(largest: int, global_batch_size: int, world_size: int, margin: float) -> tuple[int, str]:
+    """Apply the safety margin, then keep global_batch_size: micro x accum x world must equal it."""
+    if largest < 1:
+        raise UserError("not even micro_batch_size=1 fits in memory with the worst-case sequence lengths; "
+                        "lower data.max_source_length/max_target_length, enable model.gradient_checkpointing, "
+                        "or use a higher ZeRO stage or offload (see recipes/plan.py).")
+    # e.g. largest 10, margin 0.1 -> 9; the margin never takes us below 1
+    limit = max(1, int(largest * (1.0 - margin)))
+    per_rank = global_batch_size // world_size
+    divisors = [m for m in range(1, min(limit, per_rank) + 1) if global_batch_size % (m * world_size) == 0]
+    chosen = divisors[-1]
+    note = ""
+    if chosen < min(limit, per_rank):
+        note = (f"{min(limit, per_rank)} would fit but does not divide global_batch_size={global_batch_size} / "
+                f"world_size={world_size}; using {chosen}")
+    return chosen, note
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def device_description() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {"device": props.name, "memory_bytes": props.total_memory}
+    return {"device": "cpu", "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+
+
+def read_cache(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_cache(path: Path, key: str, value: dict[str, Any]) -> None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    data[key] = value
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _injected_oom(rank: int, micro_batch_size: int) -> None:
+    """Test-only: behave as if allocating this micro-batch ran out of memory on this rank."""
+    spec = os.environ.get(OOM_TEST_ENV)
+    if not spec:
+        return
+    thresholds = [int(x) for x in spec.split(",")]
+    if micro_batch_size > thresholds[min(rank, len(thresholds) - 1)]:
+        raise torch.OutOfMemoryError(f"injected: micro_batch_size {micro_batch_size} > {thresholds} on rank {rank}")
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Prober:
+    """Runs one probe per candidate micro-batch size, on every rank in lock step.
+
+    `build(m)` returns (step_forward_backward, step_optimizer, cleanup) for a freshly built
+    model/optimizer/engine configured for micro-batch m.
+    """
+
+    def __init__(self, build: Callable[[int], tuple[Callable[[], None], Callable[[], None], Callable[[], None]]],
+                 make_batch: Callable[[int], dict[str, torch.Tensor]], rank: int, agree: Callable[[bool], bool]) -> None:
+        self.build, self.make_batch, self.rank, self.agree = build, make_batch, rank, agree
+        self.trace: list[dict[str, Any]] = []
+
+    def _phase(self, action: Callable[[], Any]) -> tuple[bool, Any]:
+        try:
+            return True, action()
+        except torch.OutOfMemoryError:
+            _free()
+            return False, None
+
+    def fits(self, micro_batch_size: int) -> bool:
+        start = time.perf_counter()
+        record: dict[str, Any] = {"micro_batch_size": micro_batch_size}
+        state: dict[str, Any] = {}
+
+        def admit() -> None:
+            _injected_oom(self.rank, micro_batch_size)
+            state["batch"] = self.make_batch(micro_batch_size)
+
+        ok = self.agree(self._phase(admit)[0])
+        if "batch" in state:  # the shapes actually probed, for the trace
+            record["input_shape"] = list(state["batch"]["input_ids"].shape)
+            record["labels_shape"] = list(state["batch"]["labels"].shape)
+        if ok:
+            ok = self.agree(self._phase(lambda: state.update(engine=self.build(micro_batch_size)))[0])
+        failed_at = "allocate batch" if not ok else ""
+        if ok:
+            forward_backward, optimizer_step, cleanup = state["engine"]
+            ok = self.agree(self._phase(lambda: forward_backward(state["batch"]))[0])
+            failed_at = "forward/backward" if not ok else ""
+            if ok:
+                ok = self.agree(self._phase(optimizer_step)[0])
+                failed_at = "optimizer step" if not ok else ""
+            cleanup()
+        state.clear()
+        _free()
+        record.update(fits=ok, seconds=round(time.perf_counter() - start, 3))
+        if torch.cuda.is_available():
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if failed_at:
+            record["failed_at"] = failed_at
+        self.trace.append(record)
+        return ok
+
+
+def to_json(result: SearchResult) -> dict[str, Any]:
+    return asdict(result)

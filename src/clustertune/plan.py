@@ -1,0 +1,430 @@
+"""Memory planner: model-state memory per GPU under DDP and ZeRO 1/2/3 (+offload), and the
+launch file to use. Runs on a laptop: no GPU, no download (the model is built on the meta device).
+
+    python recipes/plan.py --config recipes/configs/flan_t5_base/full.yaml \
+        --gpus-per-node 8 --nodes 1 --gpu-memory-gib 80 [--section.key=value ...] [--json plan.json]
+
+Model states = weights + gradients + optimizer states (+ DeepSpeed's gathered ZeRO-3 layer).
+Activations are not estimated: they depend on batch and sequence length, which
+`train.micro_batch_size: auto` measures on the real GPU. The planner leaves room for them by
+the headroom rule below and recommends the fastest strategy whose states fit it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from clustertune.config import FinetuneConfig, PeftConfig, parse_config
+from clustertune.errors import UserError, exit_on_user_error
+from clustertune.modeling import (
+    T5_FAMILY,
+    apply_lora,
+    count_parameters,
+    load_model_config,
+    model_kind,
+    resolve_dtype,
+    supports_zero3_init,
+)
+from clustertune.sampler import derive_grad_accum_steps
+
+GIB = 2**30
+# Headroom rule: model states may use at most 60% of a GPU; the other 40% is for activations,
+# the CUDA context (~0.5-1 GiB), NCCL and DeepSpeed communication buckets, and allocator
+# fragmentation. E.g. 80 GiB card: states <= 48 GiB, >= 32 GiB left for activations.
+MAX_STATE_SHARE = 0.6
+# DeepSpeed's own default slack for CPU memory (pinned buffers, fragmentation).
+ADDITIONAL_BUFFER_FACTOR = 1.5
+
+# Config dicts of the FLAN-T5 checkpoints (their config.json), so the planner works offline
+# for these ids. Gated-GELU T5 v1.1 with an untied lm_head; 32,128-token vocabulary.
+_FLAN_T5 = dict(vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "google/flan-t5-small": dict(_FLAN_T5, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+    "google/flan-t5-base": dict(_FLAN_T5, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "google/flan-t5-large": dict(_FLAN_T5, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
+    "google/flan-t5-xl": dict(_FLAN_T5, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    key: str
+    label: str
+    launch_file: str | None  # None: no launch file ships for it
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+# Fastest first (the order the HF DeepSpeed guide gives: DDP > ZeRO-1 > ZeRO-2 > ZeRO-2 +
+# offload > ZeRO-3 > ZeRO-3 + offloads); the recommendation is the first row that fits.
+STRATEGIES = (
+    Strategy("ddp", "DDP", "launch/ddp.yaml", 0),
+    Strategy("zero1", "ZeRO-1", "launch/zero1.yaml", 1),
+    Strategy("zero2", "ZeRO-2", "launch/zero2.yaml", 2),
+    Strategy("zero2_offload", "ZeRO-2 + offload optimizer", None, 2, offload_optimizer=True),
+    Strategy("zero3", "ZeRO-3", "launch/zero3.yaml", 3),
+    Strategy("zero3_offload_optimizer", "ZeRO-3 + offload optimizer", None, 3, offload_optimizer=True),
+    Strategy("zero3_offload", "ZeRO-3 + offload optimizer+params", "launch/zero3_offload.yaml", 3,
+             offload_optimizer=True, offload_params=True),
+)
+SINGLE_GPU = Strategy("single_gpu", "single GPU (no DDP)", "launch/single_gpu.yaml", 0)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpus_per_node: int
+    nodes: int
+    gpu_memory_gib: float
+    cpu_memory_gib: float | None = None  # per node; None: not checked
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # distinct parameters, the head counted apart when the checkpoint has its own
+    trainable: int
+    largest_layer: int  # the largest single module's own parameters (ZeRO-3 gathers one at a time)
+    largest_layer_name: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    strategy: Strategy
+    gpu_bytes: int
+    cpu_bytes_per_node: int
+    source: str  # "deepspeed" (its estimator) or "formula" (below)
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    model_source: str
+    method: str  # none | lora
+    precision: str
+    counts: ParamCounts
+    cluster: Cluster
+    estimates: list[Estimate]
+    recommended: Estimate | None
+
+    @property
+    def state_budget_bytes(self) -> int:
+        return int(MAX_STATE_SHARE * self.cluster.gpu_memory_gib * GIB)
+
+
+# --- the model, on the meta device -----------------------------------------------------------
+
+
+def load_plan_model_config(name: str) -> tuple[Any, str]:
+    """(config, where it came from): a local folder, the built-in table, or the HF cache; never downloads."""
+    if Path(name).is_dir():
+        return load_model_config(name), "local folder"
+    if name in BUILTIN_CONFIGS:
+        from transformers import T5Config
+
+        return T5Config(**BUILTIN_CONFIGS[name]), "built-in config"
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True), "HF cache"
+    except Exception:
+        builtin = ", ".join(BUILTIN_CONFIGS)
+        raise UserError(
+            f"model.name_or_path: '{name}' is not a local folder, not in the HF cache and not a "
+            f"built-in config ({builtin}); the planner never downloads: give a local folder holding "
+            "the model's config.json (weights are not needed)."
+        ) from None
+
+
+def _untie_head_like_checkpoint(model: Any, model_config: Any) -> None:
+    """Give the LM head its own weight where the checkpoint has one.
+
+    transformers 5 always declares T5's head tied to `shared` (config.tie_word_embeddings is
+    forced True) and records a config.json `tie_word_embeddings: false` as
+    `scale_decoder_outputs=False`; from_pretrained then unties the head because FLAN-T5's two
+    tensors differ. A model built from the config alone stays tied and would count
+    247,577,856 - 32,128 x 768 = 222,903,552 parameters for flan-t5-base.
+    """
+    import torch
+
+    untied = model_config.model_type in T5_FAMILY and getattr(model_config, "scale_decoder_outputs", True) is False
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if untied and head is not None and head.weight is embeddings.weight:
+        head.weight = torch.nn.Parameter(torch.empty_like(head.weight, device="meta"))
+
+
+def build_meta_model(model_config: Any, peft_cfg: PeftConfig) -> Any:
+    """The model (with LoRA adapters if asked) as the recipe builds it, without memory or weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto_class = AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from transformers/peft
+        model = auto_class.from_config(model_config)
+        _untie_head_like_checkpoint(model, model_config)
+        if peft_cfg.method == "lora":
+            model = apply_lora(model, peft_cfg, model_config)
+        elif peft_cfg.method != "none":
+            raise UserError(f"peft.method={peft_cfg.method!r} is not one of none, lora.")
+    return model
+
+
+def count_model_params(model: Any) -> ParamCounts:
+    """Totals as DeepSpeed's zero3 `model_to_params` computes them, but meta-safe.
+
+    DeepSpeed dedups shared parameters by `data_ptr()`, which is 0 for every meta tensor;
+    `model.parameters()` dedups by identity, which is the same thing for a real model.
+    The largest layer is the largest single module's own (recurse=False) parameters.
+    """
+    trainable, total = count_parameters(model)
+    largest, largest_name = 0, ""
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own > largest:
+            largest, largest_name = own, name
+    return ParamCounts(total, trainable, largest, largest_name)
+
+
+def planned_precision(requested: str, model_config: Any) -> str:
+    """The precision the run gets on the GPU; `auto` means bf16 (Ampere or newer assumed)."""
+    if requested == "auto":
+        return "bf16"
+    if requested in ("bf16", "fp32") or (requested == "fp16" and model_config.model_type not in T5_FAMILY):
+        return requested
+    return resolve_dtype(requested, model_config)  # raises: an unknown name, or fp16 with T5
+
+
+# --- memory per strategy ---------------------------------------------------------------------
+
+
+def _deepspeed_bytes(strategy: Strategy, counts: ParamCounts, cluster: Cluster, zero_init: bool) -> tuple[int, int]:
+    """DeepSpeed's estimators: mixed precision (16-bit weights), every parameter trainable.
+
+    Taken as they are, including one quirk: zero2 with offload counts CPU memory per node as
+    params x max(4 x all GPUs, 16), so it grows with the number of nodes.
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if strategy.zero_stage == 2:
+        return estimate_zero2_model_states_mem_needs(
+            counts.total, cluster.gpus_per_node, cluster.nodes,
+            cpu_offload=strategy.offload_optimizer, additional_buffer_factor=ADDITIONAL_BUFFER_FACTOR)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        counts.total, counts.largest_layer, cluster.gpus_per_node, cluster.nodes,
+        cpu_offload=strategy.offload_optimizer, cpu_offload_params=strategy.offload_params,
+        zero_init=zero_init, additional_buffer_factor=ADDITIONAL_BUFFER_FACTOR)
+    return cpu, gpu
+
+
+def _formula_bytes(
+    strategy: Strategy, counts: ParamCounts, cluster: Cluster, weight_bytes: int, zero_init: bool
+) -> tuple[int, int]:
+    """(CPU bytes per node, GPU bytes per rank) where DeepSpeed has no estimator (DDP, ZeRO-1)
+    or its estimator does not apply (LoRA: frozen weights; fp32: 4-byte weights).
+
+    P params, T trainable, N ranks, g per node, n nodes, w bytes per DeepSpeed weight (2 in
+    bf16/fp16, 4 in fp32). Every trainable parameter needs 16 bytes of fp32 optimizer state:
+    master weight 4 + Adam momentum 4 + variance 4 + the fp32 gradient partition 4 (DeepSpeed's
+    zero2 estimator: "18 = 2 grads_16bit + 4 grads_32bit + 4 params_32bit + 8 optimizer").
+    With T = P and w = 2 these give DeepSpeed's numbers (tests check it on one node).
+    """
+    P, T, L = counts.total, counts.trainable, counts.largest_layer
+    N, g, n, w = cluster.world_size, cluster.gpus_per_node, cluster.nodes, weight_bytes
+    load = 4 * P * g  # each rank of a node loads the fp32 checkpoint into CPU memory first
+    optimizer = 16 * T  # fp32 master + Adam m, v + fp32 gradient partition
+    if strategy.zero_stage == 0:
+        # accelerate's DDP keeps fp32 weights and autocasts to bf16, so precision does not
+        # change states: weights 4 + grads 4 + Adam m, v 8 = 16 B per trainable param, + 4 for
+        # DDP's gradient buckets (gradient_as_bucket_view=False): full fine-tune 20 B/param,
+        # flan-t5-base 247.6M x 20 = 4.6 GiB. Frozen (LoRA base) weights: 4 B. One process: no DDP.
+        buckets = 4 * T if N > 1 else 0
+        return int(load * ADDITIONAL_BUFFER_FACTOR), 4 * P + 12 * T + buckets
+    if strategy.zero_stage == 1:
+        # w-byte weights and gradients on every rank, optimizer states sharded: (2w + 16/N) B/param
+        # for a full fine-tune; bf16 on 8 GPUs: 4 + 2 = 6 B/param. 16/N and not the ZeRO paper's
+        # 12/N: DeepSpeed also makes an fp32 copy of the gradient partition (counted by its zero2
+        # estimator too); with 12, ZeRO-1 would need less than ZeRO-2 on one GPU.
+        return int(load * ADDITIONAL_BUFFER_FACTOR), w * P + w * T + int(optimizer / N)
+    if strategy.zero_stage == 2 and not strategy.offload_optimizer:
+        return int(load * ADDITIONAL_BUFFER_FACTOR), w * P + int((w + 16) * T / N)
+    if strategy.zero_stage == 2:
+        return int(max(load, optimizer / n) * ADDITIONAL_BUFFER_FACTOR), w * P
+    live_layer = 2 * w * L  # ZeRO-3 gathers one layer's weights and gradients at a time
+    if not strategy.offload_optimizer:
+        cpu = 4 * L * g if zero_init else load
+        return int(cpu * ADDITIONAL_BUFFER_FACTOR), live_layer + int((w * P + optimizer) / N)
+    offloaded = optimizer + (w * P if strategy.offload_params else 0)
+    cpu = offloaded / n if zero_init else max(load, offloaded / n)
+    gpu = live_layer + (0 if strategy.offload_params else int(w * P / N))
+    return int(cpu * ADDITIONAL_BUFFER_FACTOR), gpu
+
+
+def estimate_strategy(
+    strategy: Strategy, counts: ParamCounts, cluster: Cluster, precision: str, zero_init: bool
+) -> Estimate:
+    full_mixed = counts.trainable == counts.total and precision in ("bf16", "fp16")
+    if strategy.zero_stage >= 2 and full_mixed:
+        cpu, gpu = _deepspeed_bytes(strategy, counts, cluster, zero_init)
+        source = "deepspeed"
+    else:
+        weight_bytes = 4 if precision == "fp32" else 2
+        cpu, gpu = _formula_bytes(strategy, counts, cluster, weight_bytes, zero_init)
+        source = "formula"
+    fits = gpu <= MAX_STATE_SHARE * cluster.gpu_memory_gib * GIB
+    if cluster.cpu_memory_gib is not None:
+        fits = fits and cpu <= cluster.cpu_memory_gib * GIB
+    return Estimate(strategy, int(gpu), int(cpu), source, fits)
+
+
+def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> Plan:
+    if cluster.gpus_per_node < 1 or cluster.nodes < 1 or cluster.gpu_memory_gib <= 0:
+        raise UserError("--gpus-per-node and --nodes must be at least 1 and --gpu-memory-gib above 0.")
+    model_config, source = load_plan_model_config(cfg.model.name_or_path)
+    precision = planned_precision(cfg.model.dtype, model_config)
+    counts = count_model_params(build_meta_model(model_config, cfg.peft))
+    # T5 is loaded whole on every rank even under ZeRO-3 (modeling.supports_zero3_init).
+    zero_init = supports_zero3_init(model_config)
+    strategies = ((SINGLE_GPU,) + STRATEGIES[1:]) if cluster.world_size == 1 else STRATEGIES
+    estimates = [estimate_strategy(s, counts, cluster, precision, zero_init) for s in strategies]
+    recommended = next((e for e in estimates if e.fits and e.strategy.launch_file), None)
+    return Plan(cfg.model.name_or_path, source, cfg.peft.method, precision, counts, cluster,
+                estimates, recommended)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def launch_command(plan: Plan, config_args: Sequence[str]) -> str | None:
+    if plan.recommended is None:
+        return None
+    cluster = plan.cluster
+    parts = ["clustertune-launch", "--config_file", plan.recommended.strategy.launch_file,
+             "--num_processes", str(cluster.world_size)]
+    command = shlex.join(parts)
+    if cluster.nodes > 1:  # the same command on every node; under SLURM, slurm_env fills these in
+        command += (f" --num_machines {cluster.nodes} --machine_rank $NODE_RANK"
+                    " --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT")
+    return f"{command} recipes/finetune.py {shlex.join(config_args)}".rstrip()
+
+
+def _batch_line(cfg: FinetuneConfig, world_size: int) -> str:
+    micro = cfg.train.micro_batch_size
+    if not isinstance(micro, int):  # "auto": found on the GPU at start-up
+        return f"batch: global {cfg.train.global_batch_size}, micro_batch_size {micro} (chosen at start-up)"
+    try:
+        accum = derive_grad_accum_steps(cfg.train.global_batch_size, micro, world_size)
+    except UserError as error:
+        return f"warning: the training run would stop: {error}"
+    return (f"batch: global {cfg.train.global_batch_size} = micro {micro} x accum {accum} "
+            f"x {_count(world_size, 'GPU')}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def format_plan(plan: Plan, command: str | None, batch_line: str) -> str:
+    counts, cluster = plan.counts, plan.cluster
+    method = "LoRA" if plan.method == "lora" else "full fine-tune"
+    budget = plan.state_budget_bytes / GIB
+    precision = {"bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision", "fp32": "fp32"}[plan.precision]
+    lines = [
+        f"model: {plan.model} ({plan.model_source}), {method}, {precision}",
+        f"parameters: {counts.total:,} total, {counts.trainable:,} trainable; largest layer "
+        f"{counts.largest_layer:,} ({counts.largest_layer_name or 'root'})",
+        f"cluster: {_count(cluster.nodes, 'node')} x {_count(cluster.gpus_per_node, 'GPU')} x "
+        f"{cluster.gpu_memory_gib:g} GiB = {_count(cluster.world_size, 'rank')}",
+        f"rule: model states <= {MAX_STATE_SHARE:.0%} of GPU memory ({budget:.1f} GiB); the rest is for "
+        "activations (not estimated), CUDA context, communication buffers, fragmentation",
+    ]
+    if plan.precision == "bf16":
+        lines.append("precision: model.dtype=auto/bf16 plans bf16 (Ampere or newer); "
+                     "--model.dtype=fp32 plans for GPUs without bf16")
+    if plan.method == "lora":
+        lines.append("LoRA: DeepSpeed's estimators assume every parameter trainable, so every row "
+                     "is plan.py's formula (frozen weights need no gradients or optimizer state)")
+    lines += ["", f"{'strategy':34} {'GPU GiB':>8} {'of GPU':>7} {'CPU GiB/node':>13}  {'fits':4}  "
+                  f"{'launch file':26} estimate"]
+    for e in plan.estimates:
+        share = e.gpu_bytes / (cluster.gpu_memory_gib * GIB)
+        mark = "<-" if e is plan.recommended else ""
+        launch = e.strategy.launch_file or "(none ships)"
+        source = "DeepSpeed" if e.source == "deepspeed" else "formula"
+        lines.append(f"{e.strategy.label:34} {e.gpu_bytes / GIB:8.2f} {share:7.1%} "
+                     f"{e.cpu_bytes_per_node / GIB:13.2f}  {'yes' if e.fits else 'no':4}  "
+                     f"{launch:26} {source} {mark}".rstrip())
+    lines.append("")
+    if plan.recommended is None:
+        lines.append("recommended: nothing fits; add GPUs or nodes, use LoRA (--peft.method=lora), "
+                     "or a smaller model.")
+        return "\n".join(lines)
+    faster = [e for e in plan.estimates[: plan.estimates.index(plan.recommended)] if e.fits]
+    lines.append(f"recommended: {plan.recommended.strategy.label}, the fastest strategy (rows run "
+                 "fastest to slowest) whose model states fit the rule:")
+    lines.append(f"  {command}")
+    if faster:  # fit and are faster, but have no launch file
+        labels = " and ".join(e.strategy.label for e in faster)
+        lines.append(f"note: {labels} also fit(s) and is usually faster, but no launch file ships for it: "
+                     "copy a zero2/zero3 launch file and its DeepSpeed JSON and add offload_optimizer.")
+    lines.append(batch_line)
+    return "\n".join(lines)
+
+
+def plan_to_dict(plan: Plan, command: str | None) -> dict[str, Any]:
+    def row(e: Estimate) -> dict[str, Any]:
+        return {**asdict(e.strategy), "gpu_bytes": e.gpu_bytes, "gpu_gib": e.gpu_bytes / GIB,
+                "cpu_bytes_per_node": e.cpu_bytes_per_node, "source": e.source, "fits": e.fits}
+
+    return {
+        "model": plan.model, "model_source": plan.model_source, "method": plan.method,
+        "precision": plan.precision, "params": asdict(plan.counts), "cluster": asdict(plan.cluster),
+        "max_state_share": MAX_STATE_SHARE, "estimates": [row(e) for e in plan.estimates],
+        "recommended": plan.recommended.strategy.key if plan.recommended else None, "command": command,
+    }
+
+
+def _planner_args() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plan.py", allow_abbrev=False,
+        description="Model-state memory per GPU under DDP and ZeRO 1/2/3 (+offload) and a launch command.",
+        epilog="All other arguments are the fine-tuning config's: --config FILE and --section.key=value "
+               "overrides (python recipes/finetune.py --help lists them).",
+    )
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU, e.g. 80")
+    parser.add_argument("--cpu-memory-gib", type=float, default=None,
+                        help="CPU memory per node; rows that need more do not fit (default: not checked)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    planner, config_args = _planner_args().parse_known_args(argv)
+    cfg = parse_config(FinetuneConfig, config_args)
+    cluster = Cluster(planner.gpus_per_node, planner.nodes, planner.gpu_memory_gib, planner.cpu_memory_gib)
+    plan = make_plan(cfg, cluster)
+    command = launch_command(plan, config_args)
+    print(format_plan(plan, command, _batch_line(cfg, cluster.world_size)), flush=True)
+    if planner.json is not None:
+        planner.json.parent.mkdir(parents=True, exist_ok=True)
+        planner.json.write_text(json.dumps(plan_to_dict(plan, command), indent=2) + "\n")
+    return 0

@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export CLUSTERTUNE_CACHE := $(abspath $(CACHE))
 
-.PHONY: install smoke smoke-train smoke-eval test test-fast lint clean
+.PHONY: install assets smoke test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,10 +32,16 @@ assets: $(VENV)/.installed
 # Always a fresh run: outputs/smoke_lora is the smoke's own folder and is replaced.
 smoke: $(VENV)/.installed
 	$(PY) -m clustertune.smoke --cache-dir $(CACHE)
-	rm -rf outputs/smoke_lora
+	rm -rf outputs/smoke_lora outputs/smoke_eval_base outputs/smoke_eval_lora outputs/smoke_compare
 	$(BIN)/clustertune-launch --config_file launch/zero2.yaml --num_processes $(NPROC) \
 	    recipes/finetune.py --config recipes/configs/smoke/lora.yaml
-	@echo "smoke: outputs in outputs/smoke_lora (metrics.jsonl, training_curves.png, final/)"
+	# ROUGE on held-out generated dialogues (3 references each), before and after fine-tuning
+	$(PY) recipes/evaluate.py --config recipes/configs/smoke/evaluate.yaml --output_dir=outputs/smoke_eval_base
+	$(PY) recipes/evaluate.py --config recipes/configs/smoke/evaluate.yaml --run_dir=outputs/smoke_lora \
+	    --output_dir=outputs/smoke_eval_lora
+	$(PY) recipes/evaluate.py --compare outputs/smoke_eval_base outputs/smoke_eval_lora --labels base,lora \
+	    --out outputs/smoke_compare
+	@echo "smoke: outputs/smoke_lora (metrics.jsonl, training_curves.png, final/), outputs/smoke_compare (comparison.md/png)"
 
 # The whole suite, slow tiers included (multi-process, DeepSpeed, SLURM).
 test: $(VENV)/.installed

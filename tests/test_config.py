@@ -71,3 +71,10 @@ def test_help_lists_every_key_with_default():
                 "train.global_batch_size", "peft.target_modules", "checkpoint.keep_last", "resume"):
         assert f"--{key}" in out.stdout
     assert "(default: 32)" in out.stdout  # global_batch_size
+
+
+def test_string_values_with_yaml_syntax_stay_strings():
+    cfg = parse_config(FinetuneConfig, ["--data.prompt_template=Dialogue: {dialogue}", "--output_dir", "runs/a: b",
+                                        "--data.eval_file=null"])
+    assert cfg.data.prompt_template == "Dialogue: {dialogue}" and cfg.output_dir == "runs/a: b"
+    assert cfg.data.eval_file is None

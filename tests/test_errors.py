@@ -71,3 +71,13 @@ def test_training_on_missing_data_writes_nothing_final(base_args, tmp_path, caps
     out = tmp_path / "out"
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
     assert not out.exists() or "metrics.jsonl" not in json.dumps([p.name for p in out.iterdir()])
+
+
+def test_user_error_keeps_exit_code_2_through_the_launcher(base_args):
+    """torchrun reports any failed worker as 1; clustertune-launch restores the 2."""
+    from helpers import launch_command
+
+    args = [a for a in base_args if not a.startswith("--train.global_batch_size")] + ["--train.global_batch_size=5"]
+    result = run(launch_command("recipes/finetune.py", args, launch="ddp", nproc=2))
+    assert result.returncode == 2, describe(result)
+    assert "clustertune: error: train.global_batch_size=5" in result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
+import json
 import os
 import sys
 import typing
@@ -161,6 +162,41 @@ def _field_paths(cls: type, prefix: str = "") -> Iterator[tuple[str, bool]]:
             yield key, False
 
 
+def _string_fields(cls: type, prefix: str = "") -> set[str]:
+    """Dotted keys whose type is str or str | None."""
+    hints, found = typing.get_type_hints(cls), set()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            found |= _string_fields(hint, f"{prefix}{f.name}.")
+        elif hint is str or hint == (str | None):
+            found.add(f"{prefix}{f.name}")
+    return found
+
+
+def _quote_string_values(cls: type, overrides: list[str]) -> list[str]:
+    """draccus reads command-line values as YAML, so `--data.prompt_template=Dialogue: {x}`
+    would become a mapping. A value for a string field is passed as a quoted YAML string."""
+    strings, out, items = _string_fields(cls), [], list(overrides)
+    while items:
+        arg = items.pop(0)
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in strings:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif items and not items[0].startswith("--"):
+                value = items.pop(0)
+            else:
+                out.append(arg)
+                continue
+            keep = value[:1] in ("'", '"') or value in ("null", "~")  # already quoted, or None
+            quoted = value if keep else json.dumps(value)
+            out.append(f"--{key}={quoted}")
+        else:
+            out.append(arg)
+    return out
+
+
 def _unknown_key_error(key: str, valid: list[str], where: str) -> UserError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "see --help for the valid keys."
@@ -227,10 +263,16 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
         key = arg[2:].split("=", 1)[0]
         if key not in paths:
             raise _unknown_key_error(key, valid_leaves, "the command line")
+    overrides = _quote_string_values(cls, overrides)
     try:
         return draccus.parse(cls, config_path=config_path, args=overrides)
     except draccus.utils.DecodingError as error:  # e.g. a string where a number belongs
         raise UserError(f"invalid config value: {error}") from None
+    except yaml.YAMLError as error:  # draccus reads values as YAML: "a: b" needs quoting
+        raise UserError(
+            f"a command-line value is not valid YAML ({str(error).splitlines()[0]}); quote values that "
+            "contain ': ', e.g. --data.prompt_template='\"Dialogue: {dialogue}\"'."
+        ) from None
     except SystemExit as exit_:
         if exit_.code in (0, None):  # --help
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,6 +30,10 @@ def exit_on_user_error(main: F) -> F:
             return main(*args, **kwargs)
         except UserError as error:
             print(f"clustertune: error: {error}", file=sys.stderr, flush=True)
+            status_file = os.environ.get("CLUSTERTUNE_STATUS_FILE")  # set by clustertune-launch
+            if status_file:
+                with open(status_file, "w") as handle:
+                    handle.write("user_error\n")
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clustertune.errors import EXIT_REQUEUE
+from clustertune.errors import EXIT_REQUEUE, EXIT_USER_ERROR
 from clustertune.signals import STATUS_FILE_ENV
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
@@ -52,9 +52,13 @@ def descendants(pid: int) -> list[int]:
     return result
 
 
-def _die_with_parent() -> None:
+def _launcher_preexec() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # SLURM signals every process of a job step, torchrun included, and USR1/USR2 would kill
+    # it; ignored here (inherited), the workers install their own handlers for them.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def run(accelerate_args: list[str]) -> int:
@@ -62,7 +66,7 @@ def run(accelerate_args: list[str]) -> int:
         status_file = Path(scratch) / "status"
         env = dict(os.environ, **{STATUS_FILE_ENV: str(status_file)})
         command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args]
-        launcher = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        launcher = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_launcher_preexec)
 
         def forward(signum: int, frame: object) -> None:
             # The launcher's direct children are the workers (torchrun's, or the single
@@ -77,8 +81,10 @@ def run(accelerate_args: list[str]) -> int:
         for sig in FORWARDED:
             signal.signal(sig, forward)
         code = launcher.wait()
-        stopped = status_file.is_file() and status_file.read_text().strip() == "requeue"
-        if stopped:
+        status = status_file.read_text().strip() if status_file.is_file() else ""
+        if status == "user_error":  # torchrun reports every failed worker as 1; keep the 2
+            return EXIT_USER_ERROR
+        if status == "requeue":
             print(f"clustertune-launch: workers saved a checkpoint and stopped; exit {EXIT_REQUEUE} (requeue)",
                   file=sys.stderr, flush=True)
             return EXIT_REQUEUE

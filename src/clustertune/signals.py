@@ -27,9 +27,10 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out now
-        self.received = signum
+        # Repeats are ignored on purpose: under SLURM one stop reaches a worker 2-3 times
+        # (from SLURM, clustertune-launch and torchrun), and the save must not be cut short.
+        if self.received is None:
+            self.received = signum
 
     @property
     def is_set(self) -> bool:

@@ -563,6 +563,8 @@ class Trainer:
         state_dict = accel.get_state_dict(self.model)
         if self.is_main:
             unwrapped = accel.unwrap_model(self.model)
+            # gradient checkpointing turned the KV cache off for training; generation wants it
+            unwrapped.config.use_cache = True
             save_pretrained_verified(unwrapped, state_dict, tmp)
             self.tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / FINAL_MARKER, {

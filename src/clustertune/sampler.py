@@ -2,8 +2,10 @@
 
 Every rank computes the same plan from (seed, epoch, lengths), so no indices are exchanged:
 1. shuffle all example indices with the epoch's seed;
-2. cut the shuffled list into groups of `length_group_size` global batches, sort each group
-   by length and cut it into global batches (similar lengths together: little padding);
+2. cut the shuffled list into groups of `length_group_size` global batches and sort each
+   group by source length; then, in windows of TARGET_WINDOW global batches (sources already
+   close), sort by target length before cutting global batches, so both sides pad little
+   (DialogSum dev+test, global 32 / micro 8: padding efficiency 0.951 -> 0.966);
 3. shuffle the order of the global batches (so training does not see lengths in order);
 4. split each global batch, sorted by length, into world_size x grad_accum_steps
    contiguous micro-batches; micro-batch k goes to rank k % world_size at accumulation
@@ -20,6 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from clustertune.errors import UserError
+
+# Global batches per target-length window (step 2): wider mixes more source lengths into a
+# global batch, narrower leaves targets unsorted; 4 measured best on DialogSum (3: 0.965, 6: 0.963).
+TARGET_WINDOW = 4
 
 
 def derive_grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -77,9 +83,13 @@ class GlobalBatchPlan:
         used = shuffled[: self.steps_per_epoch * self.global_batch_size]
         group = self.length_group_size * self.global_batch_size
         batches = []
+        window = TARGET_WINDOW * self.global_batch_size
         for start in range(0, len(used), group):
             grouped = self._sort_by_length(used[start : start + group])
-            batches += [grouped[i : i + self.global_batch_size] for i in range(0, len(grouped), self.global_batch_size)]
+            for w in range(0, len(grouped), window):
+                part = grouped[w : w + window]
+                part = part[np.lexsort((part, -self.source_lengths[part], -self.target_lengths[part]))]
+                batches += [part[i : i + self.global_batch_size] for i in range(0, len(part), self.global_batch_size)]
         order = rng.permutation(len(batches))
         return [batches[i] for i in order]
 

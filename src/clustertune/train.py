@@ -418,12 +418,14 @@ class Trainer:
                 f"{self.world_size}; resume with {state['world_size']} processes or start a new output_dir.")
 
     def _resume(self, path: Path) -> None:
+        start = time.perf_counter()
         state = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, is_deepspeed=self.is_deepspeed)
         self.start_step = state["step"]
         self.metrics.truncate_after(self.start_step)
         if self.is_main:
-            print(f"resumed from {path} at step {self.start_step} of {self.total_steps}", flush=True)
+            print(f"resumed from {path} at step {self.start_step} of {self.total_steps} "
+                  f"(loaded in {time.perf_counter() - start:.2f} s)", flush=True)
 
     def _config_header(self) -> str:
         return (f"# Resolved config of this run (the single source of truth); rerun with:\n"

@@ -65,7 +65,12 @@ from clustertune.modeling import (
     model_kind,
     resolve_dtype,
 )
-from clustertune.sampler import GlobalBatchPlan, derive_grad_accum_steps, eval_micro_batches
+from clustertune.sampler import (
+    BATCH_PLAN_VERSION,
+    GlobalBatchPlan,
+    derive_grad_accum_steps,
+    eval_micro_batches,
+)
 from clustertune.signals import StopFlag, StopForRequeue, write_status
 
 FINAL_MARKER = "clustertune_final.json"
@@ -87,7 +92,8 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
-    return {key: _get(cfg, key) for key in FINGERPRINT_KEYS}
+    # The data order also depends on the batch-plan code: its version is part of the identity.
+    return {**{key: _get(cfg, key) for key in FINGERPRINT_KEYS}, "batch_plan_version": BATCH_PLAN_VERSION}
 
 
 class WarmupDecay:

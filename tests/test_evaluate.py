@@ -386,6 +386,17 @@ def test_shipped_eval_configs_load(name):
         assert (cfg.batch_size, cfg.generation.max_new_tokens) == (32, 64)
 
 
+def test_batch_size_is_a_number_or_auto_with_a_sane_margin(smoke_assets):
+    base = ["--model.name_or_path=google/flan-t5-base", "--data.eval_file=x.jsonl"]
+    assert resolve_config(config(*base, "--batch_size=auto"))[0].batch_size == "auto"
+    with pytest.raises(UserError, match="batch_size='big' must be a number or auto"):
+        resolve_config(config(*base, "--batch_size=big"))
+    with pytest.raises(UserError, match="auto_batch_margin=1.0 must be in"):
+        resolve_config(config(*base, "--batch_size=auto", "--auto_batch_margin=1"))
+    with pytest.raises(UserError, match="batch_size=0 must be at least 1"):
+        resolve_config(config(*base, "--batch_size=0"))
+
+
 def test_unknown_key_gets_a_suggestion():
     with pytest.raises(UserError, match="did you mean 'generation.num_beams'"):
         config("--generation.num_beam=4")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import describe, launch_command, run
+from helpers import describe, launch_command, recipe_env, run
 
 pytestmark = pytest.mark.multiproc
 
@@ -148,3 +148,61 @@ def test_predictions_match_plain_transformers_generate(runs, workdir, smoke_asse
     output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1)
     texts = [t.strip() for t in tokenizer.batch_decode(output, skip_special_tokens=True)]
     assert texts == [p["prediction"] for p in longest]
+
+
+def auto_batch_eval(run_dir: Path, out: Path, launch: str | None, oom_above: str):
+    """Evaluation with batch_size: auto under an injected per-rank memory limit."""
+    args = [
+        "--config",
+        "recipes/configs/smoke/evaluate.yaml",
+        f"--run_dir={run_dir}",
+        f"--output_dir={out}",
+        f"--data.max_examples={NUM_EXAMPLES}",
+        "--batch_size=auto",
+        "--auto_batch_margin=0",
+        f"--generation.max_new_tokens={MAX_NEW_TOKENS}",
+        "--num_bootstrap=200",
+    ]
+    command = launch_command("recipes/evaluate.py", args, launch=launch, nproc=2 if launch else 1)
+    result = run(command, env=recipe_env(CLUSTERTUNE_TEST_OOM_ABOVE=oom_above))
+    assert result.returncode == 0, describe(result)
+    return result, outputs(out)[1]
+
+
+def test_auto_batch_probes_the_longest_prompt_and_reuses_the_cache(runs, workdir, smoke_assets):
+    from transformers import AutoTokenizer
+
+    out = workdir / "eval-auto-single"
+    result, report = auto_batch_eval(runs["lora"], out, None, oom_above="5")
+    record = report["auto_batch"]
+    assert record["largest_fitting"] == 5 and record["chosen"] == 5 and not record["cached"]
+    assert [p["micro_batch_size"] for p in record["probes"]] == [1, 2, 4, 8, 6, 5]
+    # the worst case: copies of the longest prompt, forced to generate every allowed token
+    predictions, _ = outputs(out)
+    tokenizer = AutoTokenizer.from_pretrained(smoke_assets["tiny_t5"])
+    longest = max(len(tokenizer(p["prompt"])["input_ids"]) for p in predictions)
+    assert record["worst_case_shape"] == {"prompt_tokens": longest, "new_tokens": MAX_NEW_TOKENS, "num_beams": 1}
+    for probe in record["probes"]:
+        n = probe["micro_batch_size"]
+        if probe["fits"]:
+            assert probe["input_shape"] == [n, longest]
+            assert probe["output_shape"] == [n, 1 + MAX_NEW_TOKENS]  # decoder start + new tokens
+        else:
+            assert n > 5 and probe["failed_at"] == "allocate batch"
+    assert report["throughput"]["batch_size"] == 5
+    assert "auto batch_size: largest fitting 5, chosen 5" in result.stdout
+    # the same command again: the cached result, no search
+    again, report = auto_batch_eval(runs["lora"], out, None, oom_above="5")
+    assert report["auto_batch"]["cached"] and report["auto_batch"]["chosen"] == 5
+    assert "from cache" in again.stdout
+
+
+def test_auto_batch_agreed_by_2_zero3_ranks_matches_the_fixed_batch(runs, workdir):
+    """Rank 0 could take 6 prompts, rank 1 only 4: both use 4, and the predictions and
+    scores are those of the 1-process run with batch_size=4."""
+    result, report = auto_batch_eval(runs["lora"], workdir / "eval-auto-zero3", "zero3", oom_above="6,4")
+    record = report["auto_batch"]
+    assert record["largest_fitting"] == 4 and record["chosen"] == 4
+    assert [p["micro_batch_size"] for p in record["probes"]] == [1, 2, 4, 8, 6, 5]
+    assert report["throughput"]["strategy"] == "ZeRO-3" and report["throughput"]["batch_size"] == BATCH_SIZE
+    assert_identical(workdir / "eval-auto-zero3", evaluate(runs["lora"], None, workdir))

@@ -85,8 +85,7 @@ def choose_micro_batch(largest: int, global_batch_size: int, world_size: int, ma
         raise UserError("not even micro_batch_size=1 fits in memory with the worst-case sequence lengths; "
                         "lower data.max_source_length/max_target_length, enable model.gradient_checkpointing, "
                         "or use a higher ZeRO stage or offload (see recipes/plan.py).")
-    # e.g. largest 10, margin 0.1 -> 9; the margin never takes us below 1
-    limit = max(1, int(largest * (1.0 - margin)))
+    limit = margin_applied(largest, margin)
     per_rank = global_batch_size // world_size
     divisors = [m for m in range(1, min(limit, per_rank) + 1) if global_batch_size % (m * world_size) == 0]
     chosen = divisors[-1]
@@ -147,12 +146,15 @@ class Prober:
     """Runs one probe per candidate micro-batch size, on every rank in lock step.
 
     `build(m)` returns (step_forward_backward, step_optimizer, cleanup) for a freshly built
-    model/optimizer/engine configured for micro-batch m.
+    model/optimizer/engine configured for micro-batch m. Generation (the evaluation recipe)
+    passes its generate call as the first and no-ops for the other two.
     """
 
     def __init__(self, build: Callable[[int], tuple[Callable[[], None], Callable[[], None], Callable[[], None]]],
-                 make_batch: Callable[[int], dict[str, torch.Tensor]], rank: int, agree: Callable[[bool], bool]) -> None:
+                 make_batch: Callable[[int], dict[str, torch.Tensor]], rank: int, agree: Callable[[bool], bool],
+                 step_name: str = "forward/backward") -> None:
         self.build, self.make_batch, self.rank, self.agree = build, make_batch, rank, agree
+        self.step_name = step_name  # what the trace says failed: "forward/backward" or "generate"
         self.trace: list[dict[str, Any]] = []
 
     def _phase(self, action: Callable[[], Any]) -> tuple[bool, Any]:
@@ -174,14 +176,19 @@ class Prober:
         ok = self.agree(self._phase(admit)[0])
         if "batch" in state:  # the shapes actually probed, for the trace
             record["input_shape"] = list(state["batch"]["input_ids"].shape)
-            record["labels_shape"] = list(state["batch"]["labels"].shape)
+            if "labels" in state["batch"]:
+                record["labels_shape"] = list(state["batch"]["labels"].shape)
         if ok:
             ok = self.agree(self._phase(lambda: state.update(engine=self.build(micro_batch_size)))[0])
         failed_at = "allocate batch" if not ok else ""
         if ok:
             forward_backward, optimizer_step, cleanup = state["engine"]
-            ok = self.agree(self._phase(lambda: forward_backward(state["batch"]))[0])
-            failed_at = "forward/backward" if not ok else ""
+            fitted, output = self._phase(lambda: forward_backward(state["batch"]))
+            ok = self.agree(fitted)
+            if isinstance(output, torch.Tensor):  # generation: the sequences it produced
+                record["output_shape"] = list(output.shape)
+            del output
+            failed_at = self.step_name if not ok else ""
             if ok:
                 ok = self.agree(self._phase(optimizer_step)[0])
                 failed_at = "optimizer step" if not ok else ""
@@ -195,6 +202,11 @@ class Prober:
             record["failed_at"] = failed_at
         self.trace.append(record)
         return ok
+
+
+def margin_applied(largest: int, margin: float) -> int:
+    """(1 - margin) x largest, never below 1: e.g. largest 10, margin 0.1 -> 9."""
+    return max(1, int(largest * (1.0 - margin)))
 
 
 def to_json(result: SearchResult) -> dict[str, Any]:

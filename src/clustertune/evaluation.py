@@ -39,7 +39,19 @@ from clustertune.config import (
     parse_config,
     write_resolved_config,
 )
+from clustertune.autobatch import (
+    Prober,
+    SearchResult,
+    cache_key,
+    device_description,
+    margin_applied,
+    read_cache,
+    search_largest,
+    to_json,
+    write_cache,
+)
 from clustertune.distributed import (
+    all_ranks_agree,
     build_accelerator,
     deepspeed_config_path,
     fill_deepspeed_config,
@@ -136,7 +148,13 @@ class EvaluateConfig:
     # Seeds sampling (if on) and the bootstrap of the confidence intervals.
     seed: int = 42
     # Prompts per generate call on one rank; memory grows with batch x (prompt + new tokens).
-    batch_size: int = 16
+    # auto: the largest that fits generating max_new_tokens (x num_beams) for the longest
+    # prompt, agreed by all ranks, minus auto_batch_margin; cached in <output_dir>/auto_batch.json.
+    batch_size: int | str = 16
+    # batch_size auto: use at most (1 - margin) x the largest batch that fitted.
+    auto_batch_margin: float = 0.1
+    # batch_size auto: search no further than this (and never beyond the number of examples).
+    auto_batch_max: int = 256
     # Batch prompts of similar length (longest first): far less padding. false: dataset order.
     sort_by_length: bool = True
     # Bootstrap resamples for the 95% confidence intervals (1000: ~0.1 s per 1,000 examples).
@@ -289,8 +307,13 @@ def _check_values(cfg: EvaluateConfig) -> None:
         raise UserError(
             f"data.max_examples={d.max_examples} leaves an empty eval set; use a positive number or null."
         )
+    if isinstance(cfg.batch_size, str) and cfg.batch_size != "auto":
+        raise UserError(f"batch_size={cfg.batch_size!r} must be a number or auto.")
+    if not 0.0 <= cfg.auto_batch_margin < 1.0:
+        raise UserError(f"auto_batch_margin={cfg.auto_batch_margin} must be in [0, 1), e.g. 0.1.")
     positive = {
-        "batch_size": cfg.batch_size,
+        "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
+        "auto_batch_max": cfg.auto_batch_max,
         "generation.max_new_tokens": g.max_new_tokens,
         "generation.num_beams": g.num_beams,
         "data.max_source_length": d.max_source_length,
@@ -538,7 +561,7 @@ class Evaluator:
             if not ds_path
             else fill_deepspeed_config(
                 load_deepspeed_json(ds_path),
-                micro_batch_size=cfg.batch_size,
+                micro_batch_size=1 if cfg.batch_size == "auto" else cfg.batch_size,
                 grad_accum_steps=1,
                 world_size=self.world_size,
                 max_grad_norm=1.0,
@@ -587,6 +610,12 @@ class Evaluator:
             f"to {cfg.data.max_source_length} tokens"
         )
         self._setup_model()
+        self.auto_batch: SearchResult | None = None
+        if cfg.batch_size == "auto":
+            self.auto_batch = self._auto_batch_size()
+            self.batch_size = self.auto_batch.chosen
+        else:
+            self.batch_size = cfg.batch_size
 
     def _setup_model(self) -> None:
         cfg, accel = self.cfg, self.accelerator
@@ -617,6 +646,74 @@ class Evaluator:
             + f", {self.kind}, dtype {self.dtype}, {self.strategy}, {self.world_size} process(es)"
         )
 
+    # -------------------------------------------------------------- batch_size: auto
+    def _auto_batch_size(self) -> SearchResult:
+        """The largest generate batch that fits, probed with the worst case the recipe can
+        produce: copies of the longest prompt, forced to generate all max_new_tokens (the KV
+        cache grows with every new token), num_beams as configured. Every rank runs the same
+        probes and all-reduces "it fitted" (MIN), so all agree; a cached result is reused."""
+        cfg, es, g = self.cfg, self.eval_set, self.cfg.generation
+        longest = max(range(len(es.prompt_ids)), key=lambda i: (len(es.prompt_ids[i]), -i))
+        prompt = es.prompt_ids[longest]
+        worst = {"prompt_tokens": len(prompt), "new_tokens": g.max_new_tokens, "num_beams": g.num_beams}
+        limit = min(cfg.auto_batch_max, len(es.ids))
+        key = cache_key(
+            device=device_description(), model=cfg.model.name_or_path,
+            model_config=self.model_config.to_json_string(), worst_case=worst, limit=limit,
+            dtype=self.dtype, deepspeed=self.ds_config, world_size=self.world_size, kind=self.kind,
+            generation=asdict(g),
+        )
+        cache_file = self.output_dir / "auto_batch.json"
+        cached = read_cache(cache_file, key)
+        start = time.perf_counter()
+        if all_ranks_agree(cached is not None):  # a rerun with the same settings: no search
+            largest, probes, seconds, was_cached = (
+                cached["largest_fitting"], cached["probes"], cached["seconds"], True
+            )
+        else:
+            side = "left" if self.kind == "causal" else "right"
+            pad = self.tokenizer.pad_token_id
+            kwargs = {**generate_kwargs(g), "min_new_tokens": g.max_new_tokens}
+
+            def make(batch_size: int) -> dict[str, torch.Tensor]:
+                inputs = pad_prompts([prompt] * batch_size, pad, side)
+                return {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+
+            def run_generate(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+                with torch.no_grad(), self.accelerator.autocast():
+                    output = self.generator.generate(
+                        **inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3
+                    )
+                return output.to("meta")  # only its shape goes into the trace
+
+            def build(batch_size: int) -> tuple:  # the model is built once: nothing to rebuild
+                return run_generate, lambda: None, lambda: None
+
+            prober = Prober(build, make, self.accelerator.process_index, all_ranks_agree, "generate")
+            largest, _ = search_largest(prober.fits, limit)
+            probes, seconds, was_cached = prober.trace, round(time.perf_counter() - start, 3), False
+            if self.is_main:
+                write_cache(cache_file, key, {"largest_fitting": largest, "probes": probes, "seconds": seconds})
+        if largest < 1:
+            raise UserError(
+                f"not even batch_size=1 fits generating {g.max_new_tokens} tokens x {g.num_beams} beam(s) "
+                f"for the longest prompt ({len(prompt)} tokens); lower generation.max_new_tokens, "
+                "generation.num_beams or data.max_source_length, or evaluate under ZeRO-3."
+            )
+        chosen = margin_applied(largest, cfg.auto_batch_margin)
+        result = SearchResult(
+            largest_fitting=largest, chosen=chosen, grad_accum_steps=1, probes=probes,
+            worst_case_shape=worst, seconds=seconds, cached=was_cached,
+            note="" if largest < limit else f"the search stopped at its limit {limit} "
+            f"(min of auto_batch_max={cfg.auto_batch_max} and {len(es.ids)} examples)",
+        )
+        how = "from cache" if was_cached else f"searched {len(probes)} sizes in {seconds:.1f} s"
+        self._log(
+            f"auto batch_size: largest fitting {largest}, chosen {chosen} "
+            f"(margin {cfg.auto_batch_margin:.0%}); {how}" + (f"; {result.note}" if result.note else "")
+        )
+        return result
+
     # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self) -> None:
@@ -626,7 +723,7 @@ class Evaluator:
         cfg, accel, es = self.cfg, self.accelerator, self.eval_set
         tokenizer = self.tokenizer
         side = "left" if self.kind == "causal" else "right"
-        batches = make_batches([len(p) for p in es.prompt_ids], cfg.batch_size, cfg.sort_by_length)
+        batches = make_batches([len(p) for p in es.prompt_ids], self.batch_size, cfg.sort_by_length)
         mine = rank_batches(batches, self.world_size, accel.process_index, equal_calls=self.zero3)
         kwargs = generate_kwargs(cfg.generation)
         eos = self.generator.generation_config.eos_token_id
@@ -693,7 +790,7 @@ class Evaluator:
             "generate_calls_per_rank": len(mine),
             "world_size": self.world_size,
             "strategy": self.strategy,
-            "batch_size": cfg.batch_size,
+            "batch_size": self.batch_size,
             "sort_by_length": cfg.sort_by_length,
             "device": accel.device.type,
         }
@@ -734,6 +831,8 @@ class Evaluator:
         }
         report["generation"] = asdict(cfg.generation)
         report["throughput"] = self.throughput
+        if self.auto_batch is not None:
+            report["auto_batch"] = to_json(self.auto_batch)
         lines = []
         for example_id, prompt, prediction, references in zip(
             es.ids, es.prompts, self.predictions, es.references, strict=True

@@ -31,14 +31,6 @@ import torch
 
 from clustertune import data as data_lib
 from clustertune import rouge
-from clustertune.config import (
-    SEED_PROMPT,
-    FinetuneConfig,
-    ModelConfig,
-    PeftConfig,
-    parse_config,
-    write_resolved_config,
-)
 from clustertune.autobatch import (
     Prober,
     SearchResult,
@@ -49,6 +41,14 @@ from clustertune.autobatch import (
     search_largest,
     to_json,
     write_cache,
+)
+from clustertune.config import (
+    SEED_PROMPT,
+    FinetuneConfig,
+    ModelConfig,
+    PeftConfig,
+    parse_config,
+    write_resolved_config,
 )
 from clustertune.distributed import (
     all_ranks_agree,

@@ -81,3 +81,30 @@ def test_user_error_keeps_exit_code_2_through_the_launcher(base_args):
     result = run(launch_command("recipes/finetune.py", args, launch="ddp", nproc=2))
     assert result.returncode == 2, describe(result)
     assert "clustertune: error: train.global_batch_size=5" in result.stderr
+
+
+def test_stale_jit_build_lock_is_named_with_its_fix(tmp_path, monkeypatch, capsys):
+    """A process killed while building a DeepSpeed op leaves `lock` behind and every later
+    ZeRO launch waits on it forever; a fresh lock (a build in progress) is not reported."""
+    import os
+    import time
+
+    from clustertune.distributed import (
+        STALE_LOCK_SECONDS,
+        stale_extension_locks,
+        warn_stale_extension_locks,
+    )
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert stale_extension_locks() == [old]
+    assert stale_extension_locks(now=time.time() + STALE_LOCK_SECONDS + 1) == [fresh, old]
+    warn_stale_extension_locks()
+    err = capsys.readouterr().err
+    assert str(old) in err and f"rm -rf {old.parent}" in err and "cpu_adam" not in err

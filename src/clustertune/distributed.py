@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,8 @@ def init_process_state(use_deepspeed: bool) -> Any:
     """
     from accelerate import PartialState
 
+    if use_deepspeed and not PartialState._shared_state and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        warn_stale_extension_locks()  # before DeepSpeed's comm set-up builds or loads its ops
     if not torch.cuda.is_available():
         if use_deepspeed:
             return PartialState(backend="gloo")
@@ -138,6 +141,35 @@ def fill_hidden_size_autos(ds_config: dict, model_config: Any) -> dict:
         if zero.get(key) == "auto":
             zero[key] = value
     return ds_config
+
+
+STALE_LOCK_SECONDS = 600  # a DeepSpeed op JIT build takes ~1.5 min on 2 CPU cores
+
+
+def stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS, now: float | None = None) -> list[Path]:
+    """torch's JIT extension builds (DeepSpeed's ops, e.g. its CPU shm comm op) hold a `lock`
+    file in the op's build folder; a process killed mid-build leaves it behind, and every later
+    launch then waits for it forever, silently. Lock files older than max_age_s."""
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    now = time.time() if now is None else now
+    stale = []
+    for lock in sorted({*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")}):
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                stale.append(lock)
+        except OSError:  # removed meanwhile: a build just finished
+            continue
+    return stale
+
+
+def warn_stale_extension_locks() -> None:
+    for lock in stale_extension_locks():
+        print(f"clustertune: warning: {lock} is {STALE_LOCK_SECONDS // 60}+ minutes old; if no build of "
+              f"'{lock.parent.name}' is running, an earlier process was killed while building it and this "
+              f"run will wait forever: stop it, `rm -rf {lock.parent}` and launch again (it rebuilds).",
+              file=sys.stderr, flush=True)
 
 
 def build_accelerator(

@@ -50,20 +50,25 @@ def runs(smoke_assets, workdir) -> dict[str, Path]:
 _EVALS: dict[tuple[str, str | None], Path] = {}
 
 
+def eval_args(run_dir: Path, out: Path, *extra: str) -> list[str]:
+    """The smoke evaluation of a training run on NUM_EXAMPLES examples, plus `extra`."""
+    return [
+        "--config",
+        "recipes/configs/smoke/evaluate.yaml",
+        f"--run_dir={run_dir}",
+        f"--output_dir={out}",
+        f"--data.max_examples={NUM_EXAMPLES}",
+        f"--generation.max_new_tokens={MAX_NEW_TOKENS}",
+        "--num_bootstrap=200",
+        *extra,
+    ]
+
+
 def evaluate(run_dir: Path, launch: str | None, workdir: Path) -> Path:
     key = (run_dir.name, launch)
     if key not in _EVALS:
         out = workdir / f"eval-{run_dir.name}-{launch or 'single'}"
-        args = [
-            "--config",
-            "recipes/configs/smoke/evaluate.yaml",
-            f"--run_dir={run_dir}",
-            f"--output_dir={out}",
-            f"--data.max_examples={NUM_EXAMPLES}",
-            f"--batch_size={BATCH_SIZE}",
-            f"--generation.max_new_tokens={MAX_NEW_TOKENS}",
-            "--num_bootstrap=200",
-        ]
+        args = eval_args(run_dir, out, f"--batch_size={BATCH_SIZE}")
         result = run(
             launch_command("recipes/evaluate.py", args, launch=launch, nproc=2 if launch else 1)
         )
@@ -152,17 +157,7 @@ def test_predictions_match_plain_transformers_generate(runs, workdir, smoke_asse
 
 def auto_batch_eval(run_dir: Path, out: Path, launch: str | None, oom_above: str):
     """Evaluation with batch_size: auto under an injected per-rank memory limit."""
-    args = [
-        "--config",
-        "recipes/configs/smoke/evaluate.yaml",
-        f"--run_dir={run_dir}",
-        f"--output_dir={out}",
-        f"--data.max_examples={NUM_EXAMPLES}",
-        "--batch_size=auto",
-        "--auto_batch_margin=0",
-        f"--generation.max_new_tokens={MAX_NEW_TOKENS}",
-        "--num_bootstrap=200",
-    ]
+    args = eval_args(run_dir, out, "--batch_size=auto", "--auto_batch_margin=0")
     command = launch_command("recipes/evaluate.py", args, launch=launch, nproc=2 if launch else 1)
     result = run(command, env=recipe_env(CLUSTERTUNE_TEST_OOM_ABOVE=oom_above))
     assert result.returncode == 0, describe(result)

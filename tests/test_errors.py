@@ -105,6 +105,7 @@ def test_stale_jit_build_lock_is_named_with_its_fix(tmp_path, monkeypatch, capsy
     os.utime(old, (an_hour_ago, an_hour_ago))
     assert stale_extension_locks() == [old]
     assert stale_extension_locks(now=time.time() + STALE_LOCK_SECONDS + 1) == [fresh, old]
+    warn_stale_extension_locks.cache_clear()  # it warns once per process
     warn_stale_extension_locks()
     err = capsys.readouterr().err
     assert str(old) in err and f"rm -rf {old.parent}" in err and "cpu_adam" not in err

@@ -204,6 +204,20 @@ class Prober:
         return ok
 
 
+def cached_search(prober: Prober, limit: int, cache_file: Path, key: str, is_main: bool) -> tuple[int, list[dict[str, Any]], float, bool]:
+    """(largest fitting, probes, seconds, cached): from cache_file[key] when every rank has it
+    (a restarted or requeued job), else searched with `prober` up to `limit` and cached."""
+    cached = read_cache(cache_file, key)
+    if prober.agree(cached is not None):
+        return cached["largest_fitting"], cached["probes"], cached["seconds"], True
+    start = time.perf_counter()
+    largest, _ = search_largest(prober.fits, limit)
+    seconds = round(time.perf_counter() - start, 3)
+    if is_main:
+        write_cache(cache_file, key, {"largest_fitting": largest, "probes": prober.trace, "seconds": seconds})
+    return largest, prober.trace, seconds, False
+
+
 def margin_applied(largest: int, margin: float) -> int:
     """(1 - margin) x largest, never below 1: e.g. largest 10, margin 0.1 -> 9."""
     return max(1, int(largest * (1.0 - margin)))

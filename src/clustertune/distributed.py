@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import sys
@@ -108,7 +109,7 @@ def init_process_state(use_deepspeed: bool) -> Any:
     """
     from accelerate import PartialState
 
-    if use_deepspeed and not PartialState._shared_state and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if use_deepspeed and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         warn_stale_extension_locks()  # before DeepSpeed's comm set-up builds or loads its ops
     if not torch.cuda.is_available():
         if use_deepspeed:
@@ -164,6 +165,7 @@ def stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS, now: float | No
     return stale
 
 
+@functools.cache  # once per process: init_process_state is called again by build_accelerator
 def warn_stale_extension_locks() -> None:
     for lock in stale_extension_locks():
         print(f"clustertune: warning: {lock} is {STALE_LOCK_SECONDS // 60}+ minutes old; if no build of "

@@ -35,12 +35,10 @@ from clustertune.autobatch import (
     Prober,
     SearchResult,
     cache_key,
+    cached_search,
     device_description,
     margin_applied,
-    read_cache,
-    search_largest,
     to_json,
-    write_cache,
 )
 from clustertune.config import (
     SEED_PROMPT,
@@ -646,6 +644,11 @@ class Evaluator:
             + f", {self.kind}, dtype {self.dtype}, {self.strategy}, {self.world_size} process(es)"
         )
 
+    @property
+    def padding_side(self) -> str:
+        """Decoder-only models continue from the last position: left; encoder-decoders: right."""
+        return "left" if self.kind == "causal" else "right"
+
     # -------------------------------------------------------------- batch_size: auto
     def _auto_batch_size(self) -> SearchResult:
         """The largest generate batch that fits, probed with the worst case the recipe can
@@ -663,37 +666,25 @@ class Evaluator:
             dtype=self.dtype, deepspeed=self.ds_config, world_size=self.world_size, kind=self.kind,
             generation=asdict(g),
         )
-        cache_file = self.output_dir / "auto_batch.json"
-        cached = read_cache(cache_file, key)
-        start = time.perf_counter()
-        if all_ranks_agree(cached is not None):  # a rerun with the same settings: no search
-            largest, probes, seconds, was_cached = (
-                cached["largest_fitting"], cached["probes"], cached["seconds"], True
-            )
-        else:
-            side = "left" if self.kind == "causal" else "right"
-            pad = self.tokenizer.pad_token_id
-            kwargs = {**generate_kwargs(g), "min_new_tokens": g.max_new_tokens}
+        pad = self.tokenizer.pad_token_id
+        kwargs = {**generate_kwargs(g), "min_new_tokens": g.max_new_tokens}
 
-            def make(batch_size: int) -> dict[str, torch.Tensor]:
-                inputs = pad_prompts([prompt] * batch_size, pad, side)
-                return {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+        def make(batch_size: int) -> dict[str, torch.Tensor]:
+            inputs = pad_prompts([prompt] * batch_size, pad, self.padding_side)
+            return {k: v.to(self.accelerator.device) for k, v in inputs.items()}
 
-            def run_generate(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-                with torch.no_grad(), self.accelerator.autocast():
-                    output = self.generator.generate(
-                        **inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3
-                    )
-                return output.to("meta")  # only its shape goes into the trace
+        def run_generate(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad(), self.accelerator.autocast():
+                output = self.generator.generate(**inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3)
+            return output.to("meta")  # only its shape goes into the trace
 
-            def build(batch_size: int) -> tuple:  # the model is built once: nothing to rebuild
-                return run_generate, lambda: None, lambda: None
+        def build(batch_size: int) -> tuple:  # the model is built once: nothing to rebuild
+            return run_generate, lambda: None, lambda: None
 
-            prober = Prober(build, make, self.accelerator.process_index, all_ranks_agree, "generate")
-            largest, _ = search_largest(prober.fits, limit)
-            probes, seconds, was_cached = prober.trace, round(time.perf_counter() - start, 3), False
-            if self.is_main:
-                write_cache(cache_file, key, {"largest_fitting": largest, "probes": probes, "seconds": seconds})
+        prober = Prober(build, make, self.accelerator.process_index, all_ranks_agree, "generate")
+        largest, probes, seconds, was_cached = cached_search(
+            prober, limit, self.output_dir / "auto_batch.json", key, self.is_main
+        )
         if largest < 1:
             raise UserError(
                 f"not even batch_size=1 fits generating {g.max_new_tokens} tokens x {g.num_beams} beam(s) "
@@ -722,7 +713,6 @@ class Evaluator:
 
         cfg, accel, es = self.cfg, self.accelerator, self.eval_set
         tokenizer = self.tokenizer
-        side = "left" if self.kind == "causal" else "right"
         batches = make_batches([len(p) for p in es.prompt_ids], self.batch_size, cfg.sort_by_length)
         mine = rank_batches(batches, self.world_size, accel.process_index, equal_calls=self.zero3)
         kwargs = generate_kwargs(cfg.generation)
@@ -743,7 +733,7 @@ class Evaluator:
         start = time.perf_counter()
         for positions, is_padding in mine:
             inputs = pad_prompts(
-                [es.prompt_ids[i] for i in positions], tokenizer.pad_token_id, side
+                [es.prompt_ids[i] for i in positions], tokenizer.pad_token_id, self.padding_side
             )
             inputs = {k: v.to(accel.device) for k, v in inputs.items()}
             with accel.autocast():

@@ -32,12 +32,10 @@ from clustertune.autobatch import (
     Prober,
     SearchResult,
     cache_key,
+    cached_search,
     choose_micro_batch,
     device_description,
-    read_cache,
-    search_largest,
     to_json,
-    write_cache,
 )
 from clustertune.checkpoint import TRAINER_STATE, Checkpointer, latest_checkpoint, write_json_atomic
 from clustertune.config import FinetuneConfig, config_to_yaml, write_resolved_config
@@ -295,18 +293,11 @@ class Trainer:
                         model_config=self.model_config.to_json_string(), worst_case=worst, dtype=self.dtype,
                         peft=dataclasses.asdict(cfg.peft), deepspeed=self.ds_raw, world_size=self.world_size,
                         gradient_checkpointing=cfg.model.gradient_checkpointing, kind=self.kind)
-        cache_file = self.output_dir / "auto_batch.json"
-        cached = read_cache(cache_file, key)
-        start = time.perf_counter()
-        if all_ranks_agree(cached is not None):  # a restarted or requeued job: no search
-            largest, probes, seconds, was_cached = cached["largest_fitting"], cached["probes"], cached["seconds"], True
-        else:
-            prober = Prober(self._build_probe, self._worst_case_batch(worst), state.process_index, all_ranks_agree)
-            # an upper bound: one rank's share of the global batch (accumulation 1)
-            largest, _ = search_largest(prober.fits, cfg.train.global_batch_size // self.world_size)
-            probes, seconds, was_cached = prober.trace, round(time.perf_counter() - start, 3), False
-            if self.is_main:
-                write_cache(cache_file, key, {"largest_fitting": largest, "probes": probes, "seconds": seconds})
+        prober = Prober(self._build_probe, self._worst_case_batch(worst), state.process_index, all_ranks_agree)
+        # the upper bound: one rank's share of the global batch (accumulation 1)
+        largest, probes, seconds, was_cached = cached_search(
+            prober, cfg.train.global_batch_size // self.world_size, self.output_dir / "auto_batch.json", key,
+            self.is_main)
         chosen, note = choose_micro_batch(largest, cfg.train.global_batch_size, self.world_size, cfg.train.auto_batch_margin)
         result = SearchResult(largest_fitting=largest, chosen=chosen,
                               grad_accum_steps=cfg.train.global_batch_size // (chosen * self.world_size),

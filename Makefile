@@ -52,8 +52,12 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not multiproc and not slurm"
 
+LINT_PATHS := src recipes tests slurm benchmarks
+
+# Formatting is checked, not applied: run `$(BIN)/ruff format $(LINT_PATHS)` to fix it.
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src recipes tests slurm benchmarks
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
 
 clean:
 	rm -rf outputs .pytest_cache

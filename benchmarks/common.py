@@ -25,8 +25,15 @@ SHAPES: dict[str, dict[str, int]] = {
     # ~10 M parameters with the smoke vocabulary: seconds per training step on 2 CPU cores.
     "cpu": dict(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64),
     # flan-t5-base: 248 M parameters.
-    "flan-t5-base": dict(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
-                         d_kv=64, vocab_size=32128),
+    "flan-t5-base": dict(
+        d_model=768,
+        d_ff=2048,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_heads=12,
+        d_kv=64,
+        vocab_size=32128,
+    ),
 }
 
 
@@ -53,12 +60,16 @@ def load_tokenizer(kind: str, texts: Iterable[str]) -> tuple[Any, str]:
     if kind == "smoke":
         path = ensure_smoke_assets(cache_dir())["tiny_t5"]
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return tokenizer, (f"the smoke BPE tokenizer ({path}, {len(tokenizer)} tokens): flan-t5's SentencePiece "
-                           "cannot be downloaded here, and this one splits DialogSum into more tokens than FLAN-T5's")
+        return tokenizer, (
+            f"the smoke BPE tokenizer ({path}, {len(tokenizer)} tokens): flan-t5's SentencePiece "
+            "cannot be downloaded here, and this one splits DialogSum into more tokens than FLAN-T5's"
+        )
     tokenizer = build_tokenizer(texts, vocab_size=DIALOGSUM_BPE_VOCAB)
-    return tokenizer, (f"a {DIALOGSUM_BPE_VOCAB}-token BPE trained on the benchmark's own dialogues and summaries "
-                       "(clustertune.smoke.build_tokenizer): on DialogSum its lengths match FLAN-T5's SentencePiece "
-                       "(prompt median ~176, summary ~24; seed padding efficiency 0.215 vs 0.21)")
+    return tokenizer, (
+        f"a {DIALOGSUM_BPE_VOCAB}-token BPE trained on the benchmark's own dialogues and summaries "
+        "(clustertune.smoke.build_tokenizer): on DialogSum its lengths match FLAN-T5's SentencePiece "
+        "(prompt median ~176, summary ~24; seed padding efficiency 0.215 vs 0.21)"
+    )
 
 
 def build_t5(shape: str, tokenizer: Any, seed: int) -> Any:
@@ -66,9 +77,15 @@ def build_t5(shape: str, tokenizer: Any, seed: int) -> Any:
     from transformers import T5Config, T5ForConditionalGeneration
 
     dims = {"vocab_size": len(tokenizer), **SHAPES[shape]}
-    config = T5Config(**dims, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                      dropout_rate=0.1, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    config = T5Config(
+        **dims,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
     # transformers 5 ties T5's head to the embeddings at init; FLAN-T5 has its own head (and
@@ -83,26 +100,46 @@ def build_t5(shape: str, tokenizer: Any, seed: int) -> Any:
 def machine(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device_name": f"{os.cpu_count()} CPU cores ({cpu})"}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device_name": f"{os.cpu_count()} CPU cores ({cpu})",
+    }
     if device.type == "cuda":
         info["device_name"] = info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
 def add_shared_arguments(parser: Any, data_help: str) -> None:
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu", help="T5 shape (random weights)")
-    parser.add_argument("--data", choices=["auto", "dialogsum", "smoke"], default="auto", help=data_help)
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="smoke",
-                        help="smoke: the smoke tiny-t5's; dialogsum-bpe: one with FLAN-T5-like lengths on DialogSum")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's, one per core; 1 with --quick). On a busy "
-                             "machine 1 is several times faster: more threads than free cores wait at every op")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="cpu", help="T5 shape (random weights)"
+    )
+    parser.add_argument(
+        "--data", choices=["auto", "dialogsum", "smoke"], default="auto", help=data_help
+    )
+    parser.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="smoke",
+        help="smoke: the smoke tiny-t5's; dialogsum-bpe: one with FLAN-T5-like lengths on DialogSum",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core; 1 with --quick). On a busy "
+        "machine 1 is several times faster: more threads than free cores wait at every op",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
@@ -123,7 +160,9 @@ VARIANT_COLOURS = ["#999999", "#6a8fc8", "#d9822b"]  # baseline, common practice
 
 def bar_panel(axis: Any, names: list[str], values: list[float], title: str) -> None:
     bars = axis.bar(names, values, color=VARIANT_COLOURS[: len(names)])
-    axis.bar_label(bars, labels=[f"{x:,.0f}" if x >= 100 else f"{x:.2f}" for x in values], fontsize=8)
+    axis.bar_label(
+        bars, labels=[f"{x:,.0f}" if x >= 100 else f"{x:.2f}" for x in values], fontsize=8
+    )
     axis.set_title(title, fontsize=9)
     axis.tick_params(axis="x", labelsize=8)
 
@@ -142,13 +181,23 @@ def environment(device: torch.device, load_average_start: float) -> dict[str, An
     import sys
 
     info = machine(device)
-    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device.type,
-            "device_name": info["device_name"], "machine": info,
-            "load_average_start": load_average_start, "load_average_end": os.getloadavg()[0]}
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": device.type,
+        "device_name": info["device_name"],
+        "machine": info,
+        "load_average_start": load_average_start,
+        "load_average_end": os.getloadavg()[0],
+    }
 
 
-def publish(results: dict[str, Any], json_path: Path | None, plot_path: Path | None,
-            print_table: Callable[[dict[str, Any]], None], plot: Callable[[dict[str, Any], Path], None]) -> None:
+def publish(
+    results: dict[str, Any],
+    json_path: Path | None,
+    plot_path: Path | None,
+    print_table: Callable[[dict[str, Any]], None],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
     import json
 
     print_table(results)

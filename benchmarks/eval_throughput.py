@@ -76,9 +76,14 @@ def eval_data(source: str, max_examples: int | None) -> tuple[Any, str]:
     else:
         test = ensure_smoke_assets(cache_dir())["test"]
         name = f"generated smoke test split ({test}; {'DialogSum not found' if source == 'auto' else '--data smoke'})"
-    config = EvalDataConfig(eval_file=str(test), reference_columns=["summary1", "summary2", "summary3"],
-                            source_column="dialogue", prompt_template=SEED_PROMPT, max_source_length=512,
-                            max_examples=max_examples)
+    config = EvalDataConfig(
+        eval_file=str(test),
+        reference_columns=["summary1", "summary2", "summary3"],
+        source_column="dialogue",
+        prompt_template=SEED_PROMPT,
+        max_source_length=512,
+        max_examples=max_examples,
+    )
     return config, name
 
 
@@ -93,21 +98,40 @@ def make_variants(prompt_ids: list[list[int]], tokenizer: Any, batch_size: int) 
         return {"input_ids": torch.tensor([prompt_ids[positions[0]]])}
 
     def hf_pad(positions: list[int]) -> dict[str, torch.Tensor]:
-        return dict(tokenizer.pad([{"input_ids": prompt_ids[i]} for i in positions], return_tensors="pt"))
+        return dict(
+            tokenizer.pad([{"input_ids": prompt_ids[i]} for i in positions], return_tensors="pt")
+        )
 
     def recipe(positions: list[int]) -> dict[str, torch.Tensor]:
-        return pad_prompts([prompt_ids[i] for i in positions], pad, side="right")  # encoder-decoder: right
+        return pad_prompts(
+            [prompt_ids[i] for i in positions], pad, side="right"
+        )  # encoder-decoder: right
 
     return [
-        Variant("loop", "one generate per dialogue, dataset order (the seed)", [[i] for i in range(len(lengths))], one),
-        Variant("batched", f"batches of {batch_size} in dataset order, padded to the longest",
-                make_batches(lengths, batch_size, sort_by_length=False), hf_pad),
-        Variant("clustertune", f"evaluation.make_batches sorted by length, batches of {batch_size}",
-                make_batches(lengths, batch_size, sort_by_length=True), recipe),
+        Variant(
+            "loop",
+            "one generate per dialogue, dataset order (the seed)",
+            [[i] for i in range(len(lengths))],
+            one,
+        ),
+        Variant(
+            "batched",
+            f"batches of {batch_size} in dataset order, padded to the longest",
+            make_batches(lengths, batch_size, sort_by_length=False),
+            hf_pad,
+        ),
+        Variant(
+            "clustertune",
+            f"evaluation.make_batches sorted by length, batches of {batch_size}",
+            make_batches(lengths, batch_size, sort_by_length=True),
+            recipe,
+        ),
     ]
 
 
-def run_call(variant: Variant, model: Any, kwargs: dict[str, Any], device: torch.device, timed: bool) -> None:
+def run_call(
+    variant: Variant, model: Any, kwargs: dict[str, Any], device: torch.device, timed: bool
+) -> None:
     positions = variant.calls[variant.done if timed else 0]
     start = time.perf_counter()
     inputs = {k: v.to(device) for k, v in variant.collate(positions).items()}
@@ -126,17 +150,27 @@ def run_call(variant: Variant, model: Any, kwargs: dict[str, Any], device: torch
 
 def print_table(results: dict[str, Any]) -> None:
     run = results["run"]
-    print(f"\ndata: {run['data_source']}, {run['examples']} prompts (median {run['prompt_tokens_median']:.0f} tokens, "
-          f"{run['prompts_truncated']} truncated at 512)\ntokenizer: {run['tokenizer']}")
-    print(f"model: T5 '{run['shape']}' ({run['parameters'] / 1e6:.1f} M params, random weights), {run['device']} "
-          f"{run['precision']}, greedy, exactly {run['max_new_tokens']} new tokens per example, batch {run['batch_size']}, "
-          f"{run['machine']['torch_threads']} threads, load avg {run['load_average_start']:.1f} -> {run['load_average_end']:.1f}")
-    print(f"\n{'variant':<12} {'examples/s':>11} {'gen tok/s':>10} {'prompt pad eff':>15} {'calls':>6} {'seconds':>8}")
+    print(
+        f"\ndata: {run['data_source']}, {run['examples']} prompts (median {run['prompt_tokens_median']:.0f} tokens, "
+        f"{run['prompts_truncated']} truncated at 512)\ntokenizer: {run['tokenizer']}"
+    )
+    print(
+        f"model: T5 '{run['shape']}' ({run['parameters'] / 1e6:.1f} M params, random weights), {run['device']} "
+        f"{run['precision']}, greedy, exactly {run['max_new_tokens']} new tokens per example, batch {run['batch_size']}, "
+        f"{run['machine']['torch_threads']} threads, load avg {run['load_average_start']:.1f} -> {run['load_average_end']:.1f}"
+    )
+    print(
+        f"\n{'variant':<12} {'examples/s':>11} {'gen tok/s':>10} {'prompt pad eff':>15} {'calls':>6} {'seconds':>8}"
+    )
     for name, v in results["variants"].items():
-        print(f"{name:<12} {v['examples_per_second']:>11.2f} {v['generated_tokens_per_second']:>10,.0f} "
-              f"{v['prompt_padding_efficiency']:>15.3f} {v['generate_calls']:>6} {v['seconds']:>8.1f}")
+        print(
+            f"{name:<12} {v['examples_per_second']:>11.2f} {v['generated_tokens_per_second']:>10,.0f} "
+            f"{v['prompt_padding_efficiency']:>15.3f} {v['generate_calls']:>6} {v['seconds']:>8.1f}"
+        )
     print(f"\nclustertune / loop:    {results['ratio_vs_loop']:.2f}x examples/s (target >= 3.5)")
-    print(f"clustertune / batched: {results['ratio_vs_batched']:.2f}x examples/s (what sorting by length adds)")
+    print(
+        f"clustertune / batched: {results['ratio_vs_batched']:.2f}x examples/s (what sorting by length adds)"
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -149,20 +183,41 @@ def plot(results: dict[str, Any], path: Path) -> None:
     values = [results["variants"][n]["examples_per_second"] for n in names]
     fig, axis = plt.subplots(figsize=(5.5, 3.6))
     run = results["run"]
-    bar_panel(axis, names, values, f"examples / s generating {run['max_new_tokens']} tokens each, T5 '{run['shape']}', "
-              f"batch {run['batch_size']}\n{run['device_name']}: clustertune {results['ratio_vs_loop']:.1f}x the loop")
+    bar_panel(
+        axis,
+        names,
+        values,
+        f"examples / s generating {run['max_new_tokens']} tokens each, T5 '{run['shape']}', "
+        f"batch {run['batch_size']}\n{run['device_name']}: clustertune {results['ratio_vs_loop']:.1f}x the loop",
+    )
     save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shape, 24 prompts, 8 new tokens: checks the script works")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shape, 24 prompts, 8 new tokens: checks the script works",
+    )
     parser.add_argument("--examples", type=int, default=None, help="first N prompts (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (batched, clustertune)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="tokens generated per example, exactly (default: the median length of the first "
-                             "reference in this tokenizer, what a trained model would write)")
-    add_shared_arguments(parser, data_help="auto: DialogSum's test split when ../shared/data/dialogsum exists, else smoke data")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="prompts per generate call (batched, clustertune)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated per example, exactly (default: the median length of the first "
+        "reference in this tokenizer, what a trained model would write)",
+    )
+    add_shared_arguments(
+        parser,
+        data_help="auto: DialogSum's test split when ../shared/data/dialogsum exists, else smoke data",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.shape, args.examples, args.max_new_tokens, args.batch_size = "tiny", 24, 8, 8
@@ -176,18 +231,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device, load_start = start(args)
     data_config, data_source = eval_data(args.data, args.examples)
-    texts = (row[c] for row in read_jsonl(Path(data_config.eval_file)) for c in ("dialogue", "summary1"))
+    texts = (
+        row[c] for row in read_jsonl(Path(data_config.eval_file)) for c in ("dialogue", "summary1")
+    )
     tokenizer, tokenizer_note = load_tokenizer(args.tokenizer, texts)
     eval_set = load_eval_set(data_config, tokenizer, "seq2seq")
     prompt_ids = eval_set.prompt_ids
 
     if args.max_new_tokens is None:
-        reference_lengths = sorted(len(ids) for ids in tokenizer(text_target=[r[0] for r in eval_set.references])["input_ids"])
+        reference_lengths = sorted(
+            len(ids)
+            for ids in tokenizer(text_target=[r[0] for r in eval_set.references])["input_ids"]
+        )
         args.max_new_tokens = reference_lengths[len(reference_lengths) // 2]
     model = build_t5(args.shape, tokenizer, args.seed).to(device).eval()
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens
+    )
     kwargs = {**generate_kwargs(settings), "pad_token_id": tokenizer.pad_token_id}
     variants = make_variants(prompt_ids, tokenizer, args.batch_size)
     with torch.inference_mode():
@@ -199,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pending = [v for v in variants if v.done < len(v.calls)]
             if not pending:
                 break
-            run_call(min(pending, key=lambda v: v.done / len(v.calls)), model, kwargs, device, timed=True)
+            run_call(
+                min(pending, key=lambda v: v.done / len(v.calls)), model, kwargs, device, timed=True
+            )
 
     results: dict[str, Any] = {"variants": {}}
     for v in variants:

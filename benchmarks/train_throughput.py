@@ -55,6 +55,7 @@ from common import (
 
 SEED_MAX_LENGTH = 512  # the seed pads both prompt and summary to the tokenizer's 512
 
+
 # --------------------------------------------------------------------------- data
 def load_pairs(source: str) -> tuple[list[dict[str, str]], str]:
     """(dialogue, summary) rows and a sentence saying where they came from."""
@@ -65,7 +66,10 @@ def load_pairs(source: str) -> tuple[list[dict[str, str]], str]:
         rows = [{"dialogue": r["dialogue"], "summary": r["summary"]} for r in read_jsonl(dev)]
         # The official test split has three references; summary1 is the training target here.
         rows += [{"dialogue": r["dialogue"], "summary": r["summary1"]} for r in read_jsonl(test)]
-        return rows, f"DialogSum dev+test ({len(rows)} dialogues, test target = summary1) from {DIALOGSUM}"
+        return (
+            rows,
+            f"DialogSum dev+test ({len(rows)} dialogues, test target = summary1) from {DIALOGSUM}",
+        )
     if source == "dialogsum":
         sys.exit(f"--data dialogsum: {dev} and {test} are missing; use --data auto or smoke.")
     train = ensure_smoke_assets(cache_dir())["train"]
@@ -86,8 +90,12 @@ def tokenize(rows: list[dict[str, str]], tokenizer: Any) -> Any:
 
 
 def length_summary(lengths: np.ndarray) -> dict[str, float]:
-    return {"median": float(np.median(lengths)), "mean": round(float(lengths.mean()), 1),
-            "p90": float(np.percentile(lengths, 90)), "max": int(lengths.max())}
+    return {
+        "median": float(np.median(lengths)),
+        "mean": round(float(lengths.mean()), 1),
+        "p90": float(np.percentile(lengths, 90)),
+        "max": int(lengths.max()),
+    }
 
 
 # --------------------------------------------------------------------------- model and FLOPs
@@ -112,7 +120,9 @@ def t5_train_flops(config: Any, source_lengths: np.ndarray, target_lengths: np.n
     ffn = (6 if config.is_gated_act else 4) * config.d_model * config.d_ff
     S, T = source_lengths.astype(np.float64), target_lengths.astype(np.float64)
     encoder = config.num_layers * S * (8 * d * a + ffn + 4 * S * a)
-    decoder = config.num_decoder_layers * (T * (8 * d * a + ffn + 4 * T * a) + T * (4 * d * a + 4 * S * a) + S * 4 * d * a)
+    decoder = config.num_decoder_layers * (
+        T * (8 * d * a + ffn + 4 * T * a) + T * (4 * d * a + 4 * S * a) + S * 4 * d * a
+    )
     head = T * 2 * d * config.vocab_size
     return float(3 * (encoder + decoder + head).sum())
 
@@ -133,7 +143,9 @@ class Variant:
     widths: Callable[[np.ndarray], tuple[int, int]]
 
 
-def stratified_sample(batches: list[np.ndarray], count: int, lengths: np.ndarray) -> list[np.ndarray]:
+def stratified_sample(
+    batches: list[np.ndarray], count: int, lengths: np.ndarray
+) -> list[np.ndarray]:
     """`count` of the epoch's global batches, evenly spaced in real tokens (kept in the plan's
     order): grouped batches range from all-short to all-long, so the first few could be
     unrepresentative, and s/epoch is extrapolated from these."""
@@ -143,20 +155,34 @@ def stratified_sample(batches: list[np.ndarray], count: int, lengths: np.ndarray
     return [batches[i] for i in chosen]
 
 
-def random_steps(pool: np.ndarray, num_steps: int, batch_size: int, micro_batch_size: int, seed: int) -> list[Step]:
+def random_steps(
+    pool: np.ndarray, num_steps: int, batch_size: int, micro_batch_size: int, seed: int
+) -> list[Step]:
     order = np.random.default_rng([seed, 1]).permutation(pool)
     steps = [order[i * batch_size : (i + 1) * batch_size] for i in range(num_steps)]
-    return [[s[j : j + micro_batch_size] for j in range(0, batch_size, micro_batch_size)] for s in steps]
+    return [
+        [s[j : j + micro_batch_size] for j in range(0, batch_size, micro_batch_size)] for s in steps
+    ]
 
 
-def make_variants(train: Any, tokenizer: Any, plan: Any, global_batches: list[np.ndarray],
-                  micro_batch_size: int, seed: int, reference_model: Any) -> list[Variant]:
+def make_variants(
+    train: Any,
+    tokenizer: Any,
+    plan: Any,
+    global_batches: list[np.ndarray],
+    micro_batch_size: int,
+    seed: int,
+    reference_model: Any,
+) -> list[Variant]:
     from transformers import DataCollatorForSeq2Seq
 
     from clustertune import data as data_lib
     from clustertune.train import token_loss_sum
 
-    input_ids, labels = list(train["input_ids"]), list(train["labels"])  # Python lists, not Arrow reads
+    input_ids, labels = (
+        list(train["input_ids"]),
+        list(train["labels"]),
+    )  # Python lists, not Arrow reads
     source_lengths, target_lengths = plan.source_lengths, plan.target_lengths
     pad = tokenizer.pad_token_id
     pool = np.concatenate(global_batches)
@@ -165,7 +191,10 @@ def make_variants(train: Any, tokenizer: Any, plan: Any, global_batches: list[np
 
     def seed_collate(indices: np.ndarray) -> dict[str, torch.Tensor]:
         # tokenizer(..., padding="max_length", truncation=True) on prompts and on summaries
-        batch = {k: torch.full((len(indices), SEED_MAX_LENGTH), pad, dtype=torch.long) for k in ("input_ids", "labels")}
+        batch = {
+            k: torch.full((len(indices), SEED_MAX_LENGTH), pad, dtype=torch.long)
+            for k in ("input_ids", "labels")
+        }
         for row, i in enumerate(indices):
             batch["input_ids"][row, : len(input_ids[i])] = torch.tensor(input_ids[i])
             batch["labels"][row, : len(labels[i])] = torch.tensor(labels[i])
@@ -174,11 +203,21 @@ def make_variants(train: Any, tokenizer: Any, plan: Any, global_batches: list[np
     def mean_loss(model: Any, batch: dict[str, torch.Tensor], step: Step) -> torch.Tensor:
         return model(**batch).loss / len(step)  # HF Trainer: mean loss / accumulation steps
 
-    hf_collator = DataCollatorForSeq2Seq(tokenizer, model=reference_model, label_pad_token_id=data_lib.IGNORE_INDEX)
+    hf_collator = DataCollatorForSeq2Seq(
+        tokenizer, model=reference_model, label_pad_token_id=data_lib.IGNORE_INDEX
+    )
 
     def hf_collate(indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return hf_collator([{"input_ids": input_ids[i], "attention_mask": [1] * len(input_ids[i]),
-                             "labels": labels[i]} for i in indices])
+        return hf_collator(
+            [
+                {
+                    "input_ids": input_ids[i],
+                    "attention_mask": [1] * len(input_ids[i]),
+                    "labels": labels[i],
+                }
+                for i in indices
+            ]
+        )
 
     collator = data_lib.Collator(pad, decoder_start_token_id=pad)
 
@@ -193,12 +232,30 @@ def make_variants(train: Any, tokenizer: Any, plan: Any, global_batches: list[np
         return int(source_lengths[indices].max()), int(target_lengths[indices].max())
 
     return [
-        Variant("seed", "every example padded to 512 + 512, labels padded with the pad id, random order",
-                baseline_steps, seed_collate, mean_loss, lambda _: (SEED_MAX_LENGTH, SEED_MAX_LENGTH)),
-        Variant("hf_example", "DataCollatorForSeq2Seq: pad to the batch's longest, labels -100, random order",
-                baseline_steps, hf_collate, mean_loss, dynamic),
-        Variant("clustertune", f"GlobalBatchPlan (length_group_size={plan.length_group_size}) + Collator + token_loss_sum",
-                [plan.micro_batches(gb) for gb in global_batches], clustertune_collate, clustertune_loss, dynamic),
+        Variant(
+            "seed",
+            "every example padded to 512 + 512, labels padded with the pad id, random order",
+            baseline_steps,
+            seed_collate,
+            mean_loss,
+            lambda _: (SEED_MAX_LENGTH, SEED_MAX_LENGTH),
+        ),
+        Variant(
+            "hf_example",
+            "DataCollatorForSeq2Seq: pad to the batch's longest, labels -100, random order",
+            baseline_steps,
+            hf_collate,
+            mean_loss,
+            dynamic,
+        ),
+        Variant(
+            "clustertune",
+            f"GlobalBatchPlan (length_group_size={plan.length_group_size}) + Collator + token_loss_sum",
+            [plan.micro_batches(gb) for gb in global_batches],
+            clustertune_collate,
+            clustertune_loss,
+            dynamic,
+        ),
     ]
 
 
@@ -230,7 +287,9 @@ def rss_peak() -> int:
     return _proc_status_bytes("VmHWM")
 
 
-def padding_stats(variant: Variant, steps: list[Step], source_lengths: np.ndarray, target_lengths: np.ndarray) -> tuple[int, int]:
+def padding_stats(
+    variant: Variant, steps: list[Step], source_lengths: np.ndarray, target_lengths: np.ndarray
+) -> tuple[int, int]:
     """(real tokens, padded token slots), inputs and labels both counted."""
     real = slots = 0
     for step in steps:
@@ -265,7 +324,10 @@ class Runner:
     def optimizer_step(self, step: Step) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for indices in step:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.variant.collate(indices).items()}
+            batch = {
+                k: v.to(self.device, non_blocking=True)
+                for k, v in self.variant.collate(indices).items()
+            }
             with self.autocast:
                 loss = self.variant.loss(self.model, batch, step)
             loss.backward()
@@ -279,6 +341,7 @@ class Runner:
         """Untimed steps (allocator, kernels, lazy init) on the variant's largest micro-batches,
         so the memory recorded is its worst case among the timed steps: model, optimizer
         state and peak activations, on top of what was resident before it was built."""
+
         def padded_slots(step: Step) -> int:
             return max(len(indices) * sum(self.variant.widths(indices)) for indices in step)
 
@@ -299,7 +362,9 @@ class Runner:
         self.seconds += time.perf_counter() - start
         self.steps_done += 1
 
-    def result(self, source_lengths: np.ndarray, target_lengths: np.ndarray, peak_tflops: float | None) -> dict[str, Any]:
+    def result(
+        self, source_lengths: np.ndarray, target_lengths: np.ndarray, peak_tflops: float | None
+    ) -> dict[str, Any]:
         variant, config = self.variant, self.model.config
         real, slots = padding_stats(variant, variant.steps, source_lengths, target_lengths)
         used = np.concatenate([np.concatenate(s) for s in variant.steps])
@@ -322,7 +387,9 @@ class Runner:
         }
         if peak_tflops:
             result["mfu"] = result["model_tflops_per_second"] / peak_tflops
-            result["hardware_flops_utilisation"] = result["executed_tflops_per_second"] / peak_tflops
+            result["hardware_flops_utilisation"] = (
+                result["executed_tflops_per_second"] / peak_tflops
+            )
         return result
 
     def close(self) -> None:
@@ -335,7 +402,9 @@ def executed_train_flops(variant: Variant, config: Any) -> float:
     for step in variant.steps:
         for indices in step:
             source_width, target_width = variant.widths(indices)
-            total += t5_train_flops(config, np.full(len(indices), source_width), np.full(len(indices), target_width))
+            total += t5_train_flops(
+                config, np.full(len(indices), source_width), np.full(len(indices), target_width)
+            )
     return total
 
 
@@ -343,25 +412,39 @@ def executed_train_flops(variant: Variant, config: Any) -> float:
 def print_table(results: dict[str, Any]) -> None:
     run, variants = results["run"], results["variants"]
     print(f"\ndata: {run['data_source']}\ntokenizer: {run['tokenizer']}")
-    print(f"token lengths (this tokenizer): source median {run['source_tokens']['median']:.0f} "
-          f"(p90 {run['source_tokens']['p90']:.0f}), target median {run['target_tokens']['median']:.0f} "
-          f"(p90 {run['target_tokens']['p90']:.0f}); {run['sources_truncated']} prompts truncated at 512")
-    print(f"model: T5 '{run['shape']}' ({run['parameters'] / 1e6:.1f} M params, random weights), "
-          f"{run['device']} {run['precision']}, batch {run['batch_size']} (micro {run['micro_batch_size']}), "
-          f"{run['steps']} timed steps after {run['warmup_steps']} warm-up, load avg {run['load_average_start']:.1f} -> {run['load_average_end']:.1f}")
+    print(
+        f"token lengths (this tokenizer): source median {run['source_tokens']['median']:.0f} "
+        f"(p90 {run['source_tokens']['p90']:.0f}), target median {run['target_tokens']['median']:.0f} "
+        f"(p90 {run['target_tokens']['p90']:.0f}); {run['sources_truncated']} prompts truncated at 512"
+    )
+    print(
+        f"model: T5 '{run['shape']}' ({run['parameters'] / 1e6:.1f} M params, random weights), "
+        f"{run['device']} {run['precision']}, batch {run['batch_size']} (micro {run['micro_batch_size']}), "
+        f"{run['steps']} timed steps after {run['warmup_steps']} warm-up, load avg {run['load_average_start']:.1f} -> {run['load_average_end']:.1f}"
+    )
     mfu = any("mfu" in v for v in variants.values())
     header = f"{'variant':<12} {'real tok/s':>11} {'pad eff':>8} {'pad eff (epoch)':>15} {'s/epoch':>9} {'s/step':>8} {'mem GiB':>8} {'TFLOP/s':>8}"
     print("\n" + header + (f" {'MFU':>6}" if mfu else ""))
     for name, v in variants.items():
-        line = (f"{name:<12} {v['tokens_per_second']:>11,.0f} {v['padding_efficiency']:>8.3f} "
-                f"{v['padding_efficiency_epoch']:>15.3f} {v['seconds_per_epoch']:>9.1f} {v['seconds_per_step']:>8.3f} "
-                f"{v['peak_memory_gib']:>8.2f} {v['model_tflops_per_second']:>8.3f}")
+        line = (
+            f"{name:<12} {v['tokens_per_second']:>11,.0f} {v['padding_efficiency']:>8.3f} "
+            f"{v['padding_efficiency_epoch']:>15.3f} {v['seconds_per_epoch']:>9.1f} {v['seconds_per_step']:>8.3f} "
+            f"{v['peak_memory_gib']:>8.2f} {v['model_tflops_per_second']:>8.3f}"
+        )
         print(line + (f" {v['mfu']:>6.1%}" if mfu else ""))
-    print(f"\nclustertune / seed:       {results['ratio_vs_seed']:.2f}x real tokens/s (target >= 12)")
-    print(f"clustertune / hf_example: {results['ratio_vs_hf_example']:.2f}x real tokens/s (target >= 2.5)")
-    print(f"clustertune padding efficiency over the epoch: {results['padding_efficiency']:.3f} (target >= 0.97)")
-    print(f"matmul FLOPs per epoch: clustertune needs {results['flop_ratio_vs_seed']:.2f}x fewer than seed, "
-          f"{results['flop_ratio_vs_hf_example']:.2f}x fewer than hf_example (the ratios if time followed FLOPs)")
+    print(
+        f"\nclustertune / seed:       {results['ratio_vs_seed']:.2f}x real tokens/s (target >= 12)"
+    )
+    print(
+        f"clustertune / hf_example: {results['ratio_vs_hf_example']:.2f}x real tokens/s (target >= 2.5)"
+    )
+    print(
+        f"clustertune padding efficiency over the epoch: {results['padding_efficiency']:.3f} (target >= 0.97)"
+    )
+    print(
+        f"matmul FLOPs per epoch: clustertune needs {results['flop_ratio_vs_seed']:.2f}x fewer than seed, "
+        f"{results['flop_ratio_vs_hf_example']:.2f}x fewer than hf_example (the ratios if time followed FLOPs)"
+    )
     print(f"peak memory: {run['memory_note']}")
 
 
@@ -374,37 +457,71 @@ def plot(results: dict[str, Any], path: Path) -> None:
     names = list(results["variants"])
     variants = [results["variants"][n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    panels = [("tokens_per_second", "real (non-pad) tokens / s"), ("padding_efficiency_epoch", "padding efficiency"),
-              ("seconds_per_epoch", "seconds per epoch")]
+    panels = [
+        ("tokens_per_second", "real (non-pad) tokens / s"),
+        ("padding_efficiency_epoch", "padding efficiency"),
+        ("seconds_per_epoch", "seconds per epoch"),
+    ]
     for axis, (key, title) in zip(axes, panels, strict=True):
         bar_panel(axis, names, [v[key] for v in variants], title)
     run = results["run"]
-    fig.suptitle(f"T5 '{run['shape']}' training on {run['data_name']}, {run['device_name']}, batch {run['batch_size']}: "
-                 f"clustertune {results['ratio_vs_seed']:.1f}x seed, {results['ratio_vs_hf_example']:.1f}x HF example", fontsize=10)
+    fig.suptitle(
+        f"T5 '{run['shape']}' training on {run['data_name']}, {run['device_name']}, batch {run['batch_size']}: "
+        f"clustertune {results['ratio_vs_seed']:.1f}x seed, {results['ratio_vs_hf_example']:.1f}x HF example",
+        fontsize=10,
+    )
     save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shape, batch 4, 2 timed steps: checks the script works (< 1 min), measures little")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shape, batch 4, 2 timed steps: checks the script works (< 1 min), measures little",
+    )
     # 8 per forward: the seed's and the HF example's per-device default, and clustertune's
     # flan_t5_base micro_batch_size; 32 per step = 4 accumulated micro-batches.
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step, every variant")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward, every variant")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="examples per optimizer step, every variant"
+    )
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=8, help="examples per forward, every variant"
+    )
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed optimizer steps before timing")
-    parser.add_argument("--length-group-size", type=int, default=None,
-                        help="clustertune's data.length_group_size (default: the shipped default)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="bf16 dense peak for MFU (default on GPU: 989, H100 SXM; none on CPU)")
-    add_shared_arguments(parser, data_help="auto: DialogSum dev+test when ../shared/data/dialogsum exists, else smoke data")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=1, help="untimed optimizer steps before timing"
+    )
+    parser.add_argument(
+        "--length-group-size",
+        type=int,
+        default=None,
+        help="clustertune's data.length_group_size (default: the shipped default)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 dense peak for MFU (default on GPU: 989, H100 SXM; none on CPU)",
+    )
+    add_shared_arguments(
+        parser,
+        data_help="auto: DialogSum dev+test when ../shared/data/dialogsum exists, else smoke data",
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.shape, args.batch_size, args.micro_batch_size, args.steps, args.warmup_steps = "tiny", 4, 4, 2, 1
+        args.shape, args.batch_size, args.micro_batch_size, args.steps, args.warmup_steps = (
+            "tiny",
+            4,
+            4,
+            2,
+            1,
+        )
     if args.batch_size % args.micro_batch_size:
-        parser.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}.")
+        parser.error(
+            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}."
+        )
     return args
 
 
@@ -417,26 +534,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak_tflops = args.peak_tflops or (989.0 if device.type == "cuda" else None)
 
     rows, data_source = load_pairs(args.data)
-    tokenizer, tokenizer_note = load_tokenizer(args.tokenizer, (t for r in rows for t in (r["dialogue"], r["summary"])))
+    tokenizer, tokenizer_note = load_tokenizer(
+        args.tokenizer, (t for r in rows for t in (r["dialogue"], r["summary"]))
+    )
     train = tokenize(rows, tokenizer)
     source_lengths = np.asarray(train["num_source_tokens"])
     target_lengths = np.asarray(train["num_target_tokens"])
     length_group_size = args.length_group_size or DataConfig.length_group_size
-    plan = GlobalBatchPlan(source_lengths, target_lengths, args.batch_size, args.micro_batch_size,
-                           world_size=1, rank=0, seed=args.seed, length_group_size=length_group_size)
+    plan = GlobalBatchPlan(
+        source_lengths,
+        target_lengths,
+        args.batch_size,
+        args.micro_batch_size,
+        world_size=1,
+        rank=0,
+        seed=args.seed,
+        length_group_size=length_group_size,
+    )
     epoch_batches = plan.global_batches(0)
     if args.steps > len(epoch_batches):
-        sys.exit(f"--steps {args.steps} exceeds one epoch ({len(epoch_batches)} steps of batch {args.batch_size}); lower it.")
+        sys.exit(
+            f"--steps {args.steps} exceeds one epoch ({len(epoch_batches)} steps of batch {args.batch_size}); lower it."
+        )
     timed_batches = stratified_sample(epoch_batches, args.steps, source_lengths + target_lengths)
 
     def build() -> Any:
-        return build_t5(args.shape, tokenizer, args.seed)  # every variant starts from the same weights
+        return build_t5(
+            args.shape, tokenizer, args.seed
+        )  # every variant starts from the same weights
 
     # The HF collator builds decoder_input_ids with the model's shift-right (config only).
     reference_model = build()
-    variants = make_variants(train, tokenizer, plan, timed_batches, args.micro_batch_size, args.seed, reference_model)
+    variants = make_variants(
+        train, tokenizer, plan, timed_batches, args.micro_batch_size, args.seed, reference_model
+    )
     # The same variants over a whole epoch, for the epoch's padding efficiency (no training).
-    epoch_variants = make_variants(train, tokenizer, plan, epoch_batches, args.micro_batch_size, args.seed, reference_model)
+    epoch_variants = make_variants(
+        train, tokenizer, plan, epoch_batches, args.micro_batch_size, args.seed, reference_model
+    )
     # Warm-up one variant at a time, smallest memory first (each one's memory is measured
     # during its own warm-up, and heap kept by a bigger predecessor would hide its growth).
     runners = []
@@ -458,7 +593,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         real, slots = padding_stats(whole_epoch, whole_epoch.steps, source_lengths, target_lengths)
         result["padding_efficiency_epoch"] = real / slots
         result["seconds_per_epoch"] = result["seconds_per_step"] * plan.steps_per_epoch
-        result["executed_tflop_per_epoch"] = executed_train_flops(whole_epoch, reference_model.config) / 1e12
+        result["executed_tflop_per_epoch"] = (
+            executed_train_flops(whole_epoch, reference_model.config) / 1e12
+        )
         results["variants"][variant.name] = result
         runner.close()
     tps = {name: v["tokens_per_second"] for name, v in results["variants"].items()}
@@ -491,11 +628,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "optimizer": "AdamW lr 1e-4, weight decay 0.01, clip 1.0",
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "peak_tflops": peak_tflops,
-        "memory_note": ("torch.cuda.max_memory_allocated during the variant's warm-up (on its largest steps), "
-                        "minus what was allocated before its model was built" if device.type == "cuda" else
-                        "peak RSS (VmHWM, reset per variant) during the variant's warm-up (on its largest steps) "
-                        "minus RSS before its model was built: its weights, AdamW state, gradients and "
-                        "activations; RSS is process-wide, so allocator effects blur it"),
+        "memory_note": (
+            "torch.cuda.max_memory_allocated during the variant's warm-up (on its largest steps), "
+            "minus what was allocated before its model was built"
+            if device.type == "cuda"
+            else "peak RSS (VmHWM, reset per variant) during the variant's warm-up (on its largest steps) "
+            "minus RSS before its model was built: its weights, AdamW state, gradients and "
+            "activations; RSS is process-wide, so allocator effects blur it"
+        ),
         "timing": "warm-up per variant alone, then timed steps interleaved round-robin across the variants",
         **environment(device, load_start),
     }

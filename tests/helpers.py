@@ -16,29 +16,54 @@ VENV_BIN = Path(sys.executable).parent
 
 def recipe_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
 
-def launch_command(script: str, args: list[str], *, launch: str | None = None, nproc: int = 1,
-                   wrapper: bool = True) -> list[str]:
+def launch_command(
+    script: str, args: list[str], *, launch: str | None = None, nproc: int = 1, wrapper: bool = True
+) -> list[str]:
     """`python script` for one plain process, else (clustertune-)accelerate launch."""
     if launch is None:
         return [sys.executable, str(REPO / script), *args]
-    launcher = [str(VENV_BIN / "clustertune-launch")] if wrapper else [sys.executable, "-m", "accelerate.commands.launch"]
-    return [*launcher, "--config_file", str(REPO / "launch" / f"{launch}.yaml"),
-            "--num_processes", str(nproc), str(REPO / script), *args]
+    launcher = (
+        [str(VENV_BIN / "clustertune-launch")]
+        if wrapper
+        else [sys.executable, "-m", "accelerate.commands.launch"]
+    )
+    return [
+        *launcher,
+        "--config_file",
+        str(REPO / "launch" / f"{launch}.yaml"),
+        "--num_processes",
+        str(nproc),
+        str(REPO / script),
+        *args,
+    ]
 
 
-def run(command: list[str], *, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, env=env or recipe_env(), capture_output=True, text=True, timeout=timeout)
+def run(
+    command: list[str], *, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=REPO, env=env or recipe_env(), capture_output=True, text=True, timeout=timeout
+    )
     return result
 
 
 def train_losses(output_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
@@ -58,7 +83,9 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> int:
+def wait_for_step(
+    output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300
+) -> int:
     """Poll metrics.jsonl until a train record with step >= `step` appears; return it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,8 +18,11 @@ pytestmark = pytest.mark.multiproc
 
 def run_quick(script: str, tmp_path: Path, smoke_assets: dict[str, Path]) -> dict:
     out = tmp_path / f"{Path(script).stem}.json"
-    result = run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--json", str(out)],
-                 env=recipe_env(CLUSTERTUNE_CACHE=str(smoke_assets["tiny_t5"].parents[1])), timeout=900)
+    result = run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--json", str(out)],
+        env=recipe_env(CLUSTERTUNE_CACHE=str(smoke_assets["tiny_t5"].parents[1])),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -36,13 +39,19 @@ def test_train_throughput_quick(tmp_path, smoke_assets):
     for name, variant in results["variants"].items():
         for key in ("tokens_per_second", "seconds_per_epoch", "model_tflops_per_second"):
             assert positive(variant[key]), (name, key, variant[key])
-        assert 0 < variant["padding_efficiency"] <= 1 and 0 < variant["padding_efficiency_epoch"] <= 1
+        assert (
+            0 < variant["padding_efficiency"] <= 1 and 0 < variant["padding_efficiency_epoch"] <= 1
+        )
         assert math.isfinite(variant["mean_training_loss"]), name
         assert variant["peak_memory_gib"] >= 0
     variants = results["variants"]
     # Same examples in every variant, so the same real tokens; only padding differs.
     assert len({v["real_tokens"] for v in variants.values()}) == 1
-    assert variants["seed"]["padding_efficiency"] < variants["hf_example"]["padding_efficiency"] <= variants["clustertune"]["padding_efficiency"]
+    assert (
+        variants["seed"]["padding_efficiency"]
+        < variants["hf_example"]["padding_efficiency"]
+        <= variants["clustertune"]["padding_efficiency"]
+    )
     run_info = results["run"]
     assert run_info["quick"] and run_info["steps"] > 0 and run_info["batch_size"] > 0
     assert run_info["data_source"] and run_info["shape"] and run_info["device"] in ("cpu", "cuda")
@@ -55,5 +64,7 @@ def test_eval_throughput_quick(tmp_path, smoke_assets):
     for name, variant in results["variants"].items():
         assert positive(variant["examples_per_second"]), name
         assert 0 < variant["prompt_padding_efficiency"] <= 1, name
-    assert results["variants"]["loop"]["prompt_padding_efficiency"] == 1.0  # one prompt per call: no padding
+    assert (
+        results["variants"]["loop"]["prompt_padding_efficiency"] == 1.0
+    )  # one prompt per call: no padding
     assert results["run"]["examples"] > 0 and results["run"]["data_source"]

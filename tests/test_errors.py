@@ -24,9 +24,14 @@ def finetune(args: list[str], capsys) -> tuple[int, str]:
 
 @pytest.fixture
 def base_args(smoke_assets, tmp_path):
-    return [f"--model.name_or_path={smoke_assets['tiny_t5']}", f"--data.train_file={smoke_assets['train']}",
-            f"--output_dir={tmp_path / 'out'}", "--train.max_steps=1", "--train.global_batch_size=4",
-            "--train.micro_batch_size=2"]
+    return [
+        f"--model.name_or_path={smoke_assets['tiny_t5']}",
+        f"--data.train_file={smoke_assets['train']}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--train.max_steps=1",
+        "--train.global_batch_size=4",
+        "--train.micro_batch_size=2",
+    ]
 
 
 def write(path: Path, text: str) -> Path:
@@ -36,16 +41,37 @@ def write(path: Path, text: str) -> Path:
 
 CASES = {
     "missing file": (lambda t: ["--data.train_file=" + str(t / "missing.jsonl")], "does not exist"),
-    "missing column": (lambda t: ["--data.train_file=" + str(write(t / "a.jsonl", '{"dialogue": "x", "abstract": "y"}\n'))],
-                       "no column 'summary'"),
-    "malformed jsonl": (lambda t: ["--data.train_file=" + str(write(t / "b.jsonl", '{"dialogue": "x", "summary": "y"}\n{oops\n'))],
-                        "b.jsonl:2: malformed JSON line"),
-    "empty split": (lambda t: ["--data.train_file=" + str(write(t / "c.jsonl", ""))], "has no examples"),
+    "missing column": (
+        lambda t: [
+            "--data.train_file=" + str(write(t / "a.jsonl", '{"dialogue": "x", "abstract": "y"}\n'))
+        ],
+        "no column 'summary'",
+    ),
+    "malformed jsonl": (
+        lambda t: [
+            "--data.train_file="
+            + str(write(t / "b.jsonl", '{"dialogue": "x", "summary": "y"}\n{oops\n'))
+        ],
+        "b.jsonl:2: malformed JSON line",
+    ),
+    "empty split": (
+        lambda t: ["--data.train_file=" + str(write(t / "c.jsonl", ""))],
+        "has no examples",
+    ),
     "unknown key": (lambda t: ["--train.learnig_rate=1"], "did you mean 'train.learning_rate'"),
     "fp16 with t5": (lambda t: ["--model.dtype=fp16"], "T5 was trained in bfloat16"),
-    "indivisible batch": (lambda t: ["--train.global_batch_size=5"], "not divisible by micro_batch_size=2"),
-    "unreadable model": (lambda t: ["--model.name_or_path=" + str(t / "no-model")], "model.name_or_path: cannot load"),
-    "output_dir not writable": (lambda t: ["--output_dir=" + str(write(t / "file", "x") / "sub")], "is not writable"),
+    "indivisible batch": (
+        lambda t: ["--train.global_batch_size=5"],
+        "not divisible by micro_batch_size=2",
+    ),
+    "unreadable model": (
+        lambda t: ["--model.name_or_path=" + str(t / "no-model")],
+        "model.name_or_path: cannot load",
+    ),
+    "output_dir not writable": (
+        lambda t: ["--output_dir=" + str(write(t / "file", "x") / "sub")],
+        "is not writable",
+    ),
 }
 
 
@@ -60,9 +86,20 @@ def test_bad_input_is_one_clear_error(case, base_args, tmp_path, capsys):
 
 
 def test_real_process_exit_code_and_single_line(base_args, tmp_path):
-    result = run([sys.executable, str(REPO / "recipes" / "finetune.py"), *base_args, "--train.global_batch_size=5"])
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "finetune.py"),
+            *base_args,
+            "--train.global_batch_size=5",
+        ]
+    )
     assert result.returncode == 2, describe(result)
-    assert result.stderr.strip().splitlines()[-1].startswith("clustertune: error: train.global_batch_size=5")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("clustertune: error: train.global_batch_size=5")
+    )
 
 
 def test_training_on_missing_data_writes_nothing_final(base_args, tmp_path, capsys):
@@ -77,7 +114,9 @@ def test_user_error_keeps_exit_code_2_through_the_launcher(base_args):
     """torchrun reports any failed worker as 1; clustertune-launch restores the 2."""
     from helpers import launch_command
 
-    args = [a for a in base_args if not a.startswith("--train.global_batch_size")] + ["--train.global_batch_size=5"]
+    args = [a for a in base_args if not a.startswith("--train.global_batch_size")] + [
+        "--train.global_batch_size=5"
+    ]
     result = run(launch_command("recipes/finetune.py", args, launch="ddp", nproc=2))
     assert result.returncode == 2, describe(result)
     assert "clustertune: error: train.global_batch_size=5" in result.stderr

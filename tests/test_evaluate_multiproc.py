@@ -176,7 +176,11 @@ def test_auto_batch_probes_the_longest_prompt_and_reuses_the_cache(runs, workdir
     predictions, _ = outputs(out)
     tokenizer = AutoTokenizer.from_pretrained(smoke_assets["tiny_t5"])
     longest = max(len(tokenizer(p["prompt"])["input_ids"]) for p in predictions)
-    assert record["worst_case_shape"] == {"prompt_tokens": longest, "new_tokens": MAX_NEW_TOKENS, "num_beams": 1}
+    assert record["worst_case_shape"] == {
+        "prompt_tokens": longest,
+        "new_tokens": MAX_NEW_TOKENS,
+        "num_beams": 1,
+    }
     for probe in record["probes"]:
         n = probe["micro_batch_size"]
         if probe["fits"]:
@@ -195,9 +199,14 @@ def test_auto_batch_probes_the_longest_prompt_and_reuses_the_cache(runs, workdir
 def test_auto_batch_agreed_by_2_zero3_ranks_matches_the_fixed_batch(runs, workdir):
     """Rank 0 could take 6 prompts, rank 1 only 4: both use 4, and the predictions and
     scores are those of the 1-process run with batch_size=4."""
-    result, report = auto_batch_eval(runs["lora"], workdir / "eval-auto-zero3", "zero3", oom_above="6,4")
+    result, report = auto_batch_eval(
+        runs["lora"], workdir / "eval-auto-zero3", "zero3", oom_above="6,4"
+    )
     record = report["auto_batch"]
     assert record["largest_fitting"] == 4 and record["chosen"] == 4
     assert [p["micro_batch_size"] for p in record["probes"]] == [1, 2, 4, 8, 6, 5]
-    assert report["throughput"]["strategy"] == "ZeRO-3" and report["throughput"]["batch_size"] == BATCH_SIZE
+    assert (
+        report["throughput"]["strategy"] == "ZeRO-3"
+        and report["throughput"]["batch_size"] == BATCH_SIZE
+    )
     assert_identical(workdir / "eval-auto-zero3", evaluate(runs["lora"], None, workdir))

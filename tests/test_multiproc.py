@@ -34,12 +34,22 @@ EXACT = 1e-6  # fp32 on CPU: resumed and uninterrupted loss curves agree to this
 
 def smoke_args(assets, output_dir, peft="lora", **overrides) -> list[str]:
     values = {
-        "model.name_or_path": assets["tiny_t5"], "data.train_file": assets["train"],
-        "data.eval_file": assets["validation"], "data.max_eval_examples": 16,
-        "data.max_target_length": 64, "output_dir": output_dir, "peft.method": peft,
-        "train.max_steps": MAX_STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2,
-        "train.learning_rate": 1e-3, "train.warmup_steps": 2, "train.log_every_steps": 1,
-        "model.dropout": 0.0, "checkpoint.every_steps": 3, "checkpoint.keep_last": 2,
+        "model.name_or_path": assets["tiny_t5"],
+        "data.train_file": assets["train"],
+        "data.eval_file": assets["validation"],
+        "data.max_eval_examples": 16,
+        "data.max_target_length": 64,
+        "output_dir": output_dir,
+        "peft.method": peft,
+        "train.max_steps": MAX_STEPS,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.learning_rate": 1e-3,
+        "train.warmup_steps": 2,
+        "train.log_every_steps": 1,
+        "model.dropout": 0.0,
+        "checkpoint.every_steps": 3,
+        "checkpoint.keep_last": 2,
     }
     values.update(overrides)
     return [f"--{key}={value}" for key, value in values.items()]
@@ -57,7 +67,11 @@ def baseline(launch: str, peft: str, assets, workdir: Path) -> Path:
     """An uninterrupted 12-step run per strategy (2 ranks x micro 2 x accum 2), run once."""
     if (launch, peft) not in _RUNS:
         out = workdir / f"{launch}-{peft}"
-        result = run(launch_command("recipes/finetune.py", smoke_args(assets, out, peft), launch=launch, nproc=2))
+        result = run(
+            launch_command(
+                "recipes/finetune.py", smoke_args(assets, out, peft), launch=launch, nproc=2
+            )
+        )
         assert result.returncode == 0, describe(result)
         _RUNS[(launch, peft)] = out
     return _RUNS[(launch, peft)]
@@ -92,9 +106,14 @@ def test_strategy_trains_and_final_reloads(launch, peft, smoke_assets, workdir):
         trained = AutoModelForSeq2SeqLM.from_pretrained(final).state_dict()
         before = base.state_dict()
         assert trained.keys() == before.keys()
-        assert not torch.equal(trained["lm_head.weight"], trained["shared.weight"])  # untied, as saved
+        assert not torch.equal(
+            trained["lm_head.weight"], trained["shared.weight"]
+        )  # untied, as saved
         changed = [not torch.equal(trained[k], before[k]) for k in before]
-        assert all(t.dtype == torch.float32 for t in trained.values()) and sum(changed) > len(changed) // 2
+        assert (
+            all(t.dtype == torch.float32 for t in trained.values())
+            and sum(changed) > len(changed) // 2
+        )
     # keep_last=2 with checkpoints every 3 steps: step_6 and step_9 survive, step_3 pruned
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["step_6", "step_9"], kept
@@ -103,7 +122,10 @@ def test_strategy_trains_and_final_reloads(launch, peft, smoke_assets, workdir):
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_strategies_agree_step_for_step(peft, smoke_assets, workdir):
-    curves = {launch: train_losses(baseline(launch, peft, smoke_assets, workdir)) for launch in ("ddp", "zero2", "zero3")}
+    curves = {
+        launch: train_losses(baseline(launch, peft, smoke_assets, workdir))
+        for launch in ("ddp", "zero2", "zero3")
+    }
     for launch in ("zero2", "zero3"):
         assert_same_curve(curves[launch], curves["ddp"], range(1, MAX_STEPS + 1), tolerance=1e-5)
 
@@ -112,13 +134,20 @@ def test_one_rank_micro_8_equals_two_ranks_micro_2_accum_2(smoke_assets, workdir
     """Same examples per step and loss over the global batch's tokens: the same updates."""
     two_ranks = train_losses(baseline("ddp", "none", smoke_assets, workdir))
     out = workdir / "single-micro8"
-    result = run(launch_command("recipes/finetune.py", smoke_args(smoke_assets, out, "none", **{"train.micro_batch_size": 8})))
+    result = run(
+        launch_command(
+            "recipes/finetune.py",
+            smoke_args(smoke_assets, out, "none", **{"train.micro_batch_size": 8}),
+        )
+    )
     assert result.returncode == 0, describe(result)
     assert_same_curve(train_losses(out), two_ranks, range(1, MAX_STEPS + 1), tolerance=1e-5)
 
 
 def test_ddp_launch_on_cpu_really_synchronises():
-    result = run(launch_command("tests/scripts/ddp_sync_check.py", [], launch="ddp", nproc=2, wrapper=False))
+    result = run(
+        launch_command("tests/scripts/ddp_sync_check.py", [], launch="ddp", nproc=2, wrapper=False)
+    )
     assert result.returncode == 0, describe(result)
     assert "distributed_type=DistributedType.MULTI_CPU num_processes=2" in result.stdout
     difference = float(result.stdout.split("max_param_difference=")[1].split()[0])
@@ -129,7 +158,12 @@ def test_decoder_only_model_through_the_same_recipe(smoke_assets, workdir):
     from transformers import AutoModelForCausalLM
 
     out = workdir / "causal"
-    args = smoke_args(smoke_assets, out, "none", **{"model.name_or_path": smoke_assets["tiny_causal"], "train.max_steps": 6})
+    args = smoke_args(
+        smoke_assets,
+        out,
+        "none",
+        **{"model.name_or_path": smoke_assets["tiny_causal"], "train.max_steps": 6},
+    )
     result = run(launch_command("recipes/finetune.py", args, launch="zero2", nproc=2))
     assert result.returncode == 0, describe(result)
     assert "causal" in result.stdout
@@ -141,7 +175,9 @@ def test_decoder_only_model_through_the_same_recipe(smoke_assets, workdir):
 # ---------------------------------------------------------------- checkpoint / resume
 
 
-@pytest.mark.parametrize(("launch", "peft"), [("zero2", "none"), ("ddp", "lora"), ("zero3", "lora")])
+@pytest.mark.parametrize(
+    ("launch", "peft"), [("zero2", "none"), ("ddp", "lora"), ("zero3", "lora")]
+)
 def test_resume_from_checkpoint_continues_exactly(launch, peft, smoke_assets, workdir):
     reference = baseline(launch, peft, smoke_assets, workdir)
     out = workdir / f"resumed-{launch}-{peft}"
@@ -155,9 +191,17 @@ def test_resume_from_checkpoint_continues_exactly(launch, peft, smoke_assets, wo
 def test_sigkill_mid_training_then_restart_matches_uninterrupted(smoke_assets, workdir):
     reference = train_losses(baseline("zero2", "lora", smoke_assets, workdir))
     out = workdir / "killed-zero2"
-    command = launch_command("recipes/finetune.py", smoke_args(smoke_assets, out), launch="zero2", nproc=2)
-    process = subprocess.Popen(command, cwd=Path(__file__).parents[1], env=recipe_env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = launch_command(
+        "recipes/finetune.py", smoke_args(smoke_assets, out), launch="zero2", nproc=2
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=Path(__file__).parents[1],
+        env=recipe_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_at = random.Random().randint(4, 8)
     reached = wait_for_step(out, kill_at, process)
     kill_tree(process.pid)
@@ -172,11 +216,15 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(smoke_assets, w
 def test_crash_during_save_resumes_from_previous_complete_checkpoint(smoke_assets, workdir):
     reference = train_losses(baseline("zero3", "none", smoke_assets, workdir))
     out = workdir / "crash-in-save-zero3"
-    command = launch_command("recipes/finetune.py", smoke_args(smoke_assets, out, "none"), launch="zero3", nproc=2)
+    command = launch_command(
+        "recipes/finetune.py", smoke_args(smoke_assets, out, "none"), launch="zero3", nproc=2
+    )
     crashed = run(command, env=recipe_env(CLUSTERTUNE_TEST_CRASH_IN_SAVE="1:6"))
     assert crashed.returncode != 0
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == [".tmp-step_6", "step_3"], checkpoints  # the partial save is never renamed
+    assert checkpoints == [".tmp-step_6", "step_3"], (
+        checkpoints
+    )  # the partial save is never renamed
     result = run(command)
     assert result.returncode == 0, describe(result)
     assert "resumed from" in result.stdout and "step_3" in result.stdout
@@ -187,9 +235,18 @@ def test_crash_during_save_resumes_from_previous_complete_checkpoint(smoke_asset
 def test_sigusr1_to_launcher_group_checkpoints_and_requeues(smoke_assets, workdir):
     reference = train_losses(baseline("ddp", "none", smoke_assets, workdir))
     out = workdir / "signalled-ddp"
-    command = launch_command("recipes/finetune.py", smoke_args(smoke_assets, out, "none"), launch="ddp", nproc=2)
-    process = subprocess.Popen(command, cwd=Path(__file__).parents[1], env=recipe_env(), start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = launch_command(
+        "recipes/finetune.py", smoke_args(smoke_assets, out, "none"), launch="ddp", nproc=2
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=Path(__file__).parents[1],
+        env=recipe_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_step(out, 2, process)
     os.killpg(process.pid, signal.SIGUSR1)
     output, _ = process.communicate(timeout=300)
@@ -199,8 +256,15 @@ def test_sigusr1_to_launcher_group_checkpoints_and_requeues(smoke_assets, workdi
     assert (out / "checkpoints" / f"step_{stopped_at}" / "COMPLETE.json").is_file()
 
     # A changed global batch is refused before anything is loaded.
-    changed = run(launch_command("recipes/finetune.py", smoke_args(smoke_assets, out, "none", **{"train.global_batch_size": 16})))
-    assert changed.returncode == 2 and "train.global_batch_size" in changed.stderr, describe(changed)
+    changed = run(
+        launch_command(
+            "recipes/finetune.py",
+            smoke_args(smoke_assets, out, "none", **{"train.global_batch_size": 16}),
+        )
+    )
+    assert changed.returncode == 2 and "train.global_batch_size" in changed.stderr, describe(
+        changed
+    )
 
     result = run(command)
     assert result.returncode == 0, describe(result)

@@ -49,13 +49,17 @@ def test_flan_t5_base_parameter_count(base_counts):
     assert model.lm_head.weight is model.shared.weight and tied == FLAN_T5_BASE_PARAMS - 32128 * 768
     model.lm_head.weight = torch.nn.Parameter(torch.empty(32128, 768, device="meta"))
     assert sum(p.numel() for p in model.parameters()) == FLAN_T5_BASE_PARAMS
-    assert base_counts == ParamCounts(FLAN_T5_BASE_PARAMS, FLAN_T5_BASE_PARAMS, 32128 * 768, "shared")
+    assert base_counts == ParamCounts(
+        FLAN_T5_BASE_PARAMS, FLAN_T5_BASE_PARAMS, 32128 * 768, "shared"
+    )
 
 
 def test_builtin_configs_are_flan_t5_shapes():
     expected = {  # (d_model, d_ff, layers, heads): the checkpoints' config.json
-        "google/flan-t5-small": (512, 1024, 8, 6), "google/flan-t5-base": (768, 2048, 12, 12),
-        "google/flan-t5-large": (1024, 2816, 24, 16), "google/flan-t5-xl": (2048, 5120, 24, 32),
+        "google/flan-t5-small": (512, 1024, 8, 6),
+        "google/flan-t5-base": (768, 2048, 12, 12),
+        "google/flan-t5-large": (1024, 2816, 24, 16),
+        "google/flan-t5-xl": (2048, 5120, 24, 32),
     }
     for name, shape in expected.items():
         config, source = load_plan_model_config(name)
@@ -74,21 +78,34 @@ def test_zero2_and_zero3_rows_are_deepspeeds_numbers(base_counts, gpus_per_node,
     total, largest = FLAN_T5_BASE_PARAMS, 32128 * 768
     expected = {
         "zero2": estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes, False, 1.5),
-        "zero2_offload": estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes, True, 1.5),
+        "zero2_offload": estimate_zero2_model_states_mem_needs(
+            total, gpus_per_node, nodes, True, 1.5
+        ),
         # zero_init False: T5 is loaded whole on every rank (modeling.supports_zero3_init)
-        "zero3": estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes, False, False, False, 1.5)[:2],
+        "zero3": estimate_zero3_model_states_mem_needs(
+            total, largest, gpus_per_node, nodes, False, False, False, 1.5
+        )[:2],
         "zero3_offload_optimizer": estimate_zero3_model_states_mem_needs(
-            total, largest, gpus_per_node, nodes, True, False, False, 1.5)[:2],
-        "zero3_offload": estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes, True, True, False, 1.5)[:2],
+            total, largest, gpus_per_node, nodes, True, False, False, 1.5
+        )[:2],
+        "zero3_offload": estimate_zero3_model_states_mem_needs(
+            total, largest, gpus_per_node, nodes, True, True, False, 1.5
+        )[:2],
     }
     for key, (cpu, gpu) in expected.items():
         estimate = estimate_strategy(BY_KEY[key], base_counts, cluster, "bf16", zero_init=False)
-        assert (estimate.source, estimate.cpu_bytes_per_node, estimate.gpu_bytes) == ("deepspeed", cpu, gpu), key
+        assert (estimate.source, estimate.cpu_bytes_per_node, estimate.gpu_bytes) == (
+            "deepspeed",
+            cpu,
+            gpu,
+        ), key
 
 
 @pytest.mark.parametrize("gpus_per_node", [1, 2, 8])
 @pytest.mark.parametrize("zero_init", [False, True])
-def test_formula_reproduces_deepspeed_for_a_full_bf16_fine_tune(base_counts, gpus_per_node, zero_init):
+def test_formula_reproduces_deepspeed_for_a_full_bf16_fine_tune(
+    base_counts, gpus_per_node, zero_init
+):
     """The formula used for LoRA and fp32 gives DeepSpeed's numbers where both apply (one node;
     across nodes DeepSpeed's zero2-offload CPU term scales with all GPUs, ours per node)."""
     cluster = Cluster(gpus_per_node, 1, 80)
@@ -97,17 +114,27 @@ def test_formula_reproduces_deepspeed_for_a_full_bf16_fine_tune(base_counts, gpu
             continue
         deepspeed = estimate_strategy(strategy, base_counts, cluster, "bf16", zero_init)
         cpu, gpu = _formula_bytes(strategy, base_counts, cluster, 2, zero_init)
-        assert gpu == deepspeed.gpu_bytes and abs(cpu - deepspeed.cpu_bytes_per_node) <= 1, strategy.key
+        assert gpu == deepspeed.gpu_bytes and abs(cpu - deepspeed.cpu_bytes_per_node) <= 1, (
+            strategy.key
+        )
 
 
 def test_ddp_and_zero1_arithmetic(base_counts):
     params = FLAN_T5_BASE_PARAMS
     eight = Cluster(8, 1, 80)
     # DDP: fp32 weights 4 + grads 4 + DDP buckets 4 + Adam 8; one process has no buckets
-    assert estimate_strategy(BY_KEY["ddp"], base_counts, eight, "bf16", False).gpu_bytes == 20 * params
-    assert estimate_strategy(SINGLE_GPU, base_counts, Cluster(1, 1, 80), "bf16", False).gpu_bytes == 16 * params
+    assert (
+        estimate_strategy(BY_KEY["ddp"], base_counts, eight, "bf16", False).gpu_bytes == 20 * params
+    )
+    assert (
+        estimate_strategy(SINGLE_GPU, base_counts, Cluster(1, 1, 80), "bf16", False).gpu_bytes
+        == 16 * params
+    )
     # ZeRO-1, bf16: weights 2 + grads 2 on every rank + 16 B of fp32 optimizer state / 8
-    assert estimate_strategy(BY_KEY["zero1"], base_counts, eight, "bf16", False).gpu_bytes == 4 * params + 2 * params
+    assert (
+        estimate_strategy(BY_KEY["zero1"], base_counts, eight, "bf16", False).gpu_bytes
+        == 4 * params + 2 * params
+    )
     # fp32: DeepSpeed's 16-bit estimators do not apply; 4-byte weights and gradients
     fp32 = estimate_strategy(BY_KEY["zero2"], base_counts, eight, "fp32", False)
     assert (fp32.source, fp32.gpu_bytes) == ("formula", 4 * params + 20 * params // 8)
@@ -119,10 +146,15 @@ def test_lora_counts_adapters_and_uses_the_formula():
     # q and v in 12 encoder self-attentions + 12 decoder self- and 12 cross-attentions:
     # 36 x 2 x r x (768 in + 768 out) = 3,538,944 (the lora.yaml comment's "3.5M of 251M")
     trainable = 36 * 2 * 32 * (768 + 768)
-    assert (plan.counts.trainable, plan.counts.total) == (trainable, FLAN_T5_BASE_PARAMS + trainable)
+    assert (plan.counts.trainable, plan.counts.total) == (
+        trainable,
+        FLAN_T5_BASE_PARAMS + trainable,
+    )
     assert {e.source for e in plan.estimates} == {"formula"}
     ddp = plan.estimates[0]
-    assert ddp.gpu_bytes == 4 * plan.counts.total + 16 * trainable  # frozen fp32 weights need 4 B only
+    assert (
+        ddp.gpu_bytes == 4 * plan.counts.total + 16 * trainable
+    )  # frozen fp32 weights need 4 B only
     assert plan.recommended.strategy.key == "ddp"
 
 
@@ -135,25 +167,47 @@ def test_recommendation_moves_to_more_sharding_as_memory_shrinks():
         chosen[memory] = plan.recommended.strategy.key if plan.recommended else None
         if plan.recommended:
             assert plan.recommended.gpu_bytes <= MAX_STATE_SHARE * memory * GIB
-            assert all(not e.fits or not e.strategy.launch_file
-                       for e in plan.estimates[: plan.estimates.index(plan.recommended)])
+            assert all(
+                not e.fits or not e.strategy.launch_file
+                for e in plan.estimates[: plan.estimates.index(plan.recommended)]
+            )
     assert chosen == {80: "zero1", 16: "zero3", 8: "zero3_offload", 0.1: None}
 
 
 def test_cli_prints_the_table_and_the_launch_command(tmp_path):
     args = ["--config", "recipes/configs/flan_t5_base/full.yaml", "--train.micro_batch_size=4"]
-    result = run([sys.executable, str(REPO / "recipes/plan.py"), *args, "--gpus-per-node", "8",
-                  "--nodes", "1", "--gpu-memory-gib", "80", "--json", str(tmp_path / "plan.json")],
-                 env=recipe_env(), timeout=300)
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "recipes/plan.py"),
+            *args,
+            "--gpus-per-node",
+            "8",
+            "--nodes",
+            "1",
+            "--gpu-memory-gib",
+            "80",
+            "--json",
+            str(tmp_path / "plan.json"),
+        ],
+        env=recipe_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     for strategy in STRATEGIES:
         assert strategy.label in result.stdout
-    command = ("clustertune-launch --config_file launch/ddp.yaml --num_processes 8 recipes/finetune.py "
-               "--config recipes/configs/flan_t5_base/full.yaml --train.micro_batch_size=4")
+    command = (
+        "clustertune-launch --config_file launch/ddp.yaml --num_processes 8 recipes/finetune.py "
+        "--config recipes/configs/flan_t5_base/full.yaml --train.micro_batch_size=4"
+    )
     assert f"  {command}\n" in result.stdout
     assert "batch: global 64 = micro 4 x accum 2 x 8 GPUs" in result.stdout
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert (saved["recommended"], saved["command"], saved["params"]["total"]) == ("ddp", command, FLAN_T5_BASE_PARAMS)
+    assert (saved["recommended"], saved["command"], saved["params"]["total"]) == (
+        "ddp",
+        command,
+        FLAN_T5_BASE_PARAMS,
+    )
     for launch_file in {s.launch_file for s in (*STRATEGIES, SINGLE_GPU)} - {None}:
         assert (REPO / launch_file).is_file()
 
@@ -161,17 +215,37 @@ def test_cli_prints_the_table_and_the_launch_command(tmp_path):
 def test_multi_node_command_names_the_machines(capsys):
     from clustertune.plan import main
 
-    assert main(["--config", str(REPO / "recipes/configs/flan_t5_base/lora.yaml"), "--train.micro_batch_size=2",
-                 "--gpus-per-node", "8", "--nodes", "2", "--gpu-memory-gib", "40"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(REPO / "recipes/configs/flan_t5_base/lora.yaml"),
+                "--train.micro_batch_size=2",
+                "--gpus-per-node",
+                "8",
+                "--nodes",
+                "2",
+                "--gpu-memory-gib",
+                "40",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "--config_file launch/ddp.yaml --num_processes 16 --num_machines 2 --machine_rank $NODE_RANK" in out
+    assert (
+        "--config_file launch/ddp.yaml --num_processes 16 --num_machines 2 --machine_rank $NODE_RANK"
+        in out
+    )
     assert "batch: global 64 = micro 2 x accum 2 x 16 GPUs" in out
 
 
 def test_a_local_model_folder_counts_what_from_pretrained_loads(smoke_assets):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    for key, auto_class in (("tiny_t5", AutoModelForSeq2SeqLM), ("tiny_causal", AutoModelForCausalLM)):
+    for key, auto_class in (
+        ("tiny_t5", AutoModelForSeq2SeqLM),
+        ("tiny_causal", AutoModelForCausalLM),
+    ):
         cfg = FinetuneConfig(model=ModelConfig(name_or_path=str(smoke_assets[key])))
         plan = make_plan(cfg, Cluster(2, 1, 16))
         loaded = auto_class.from_pretrained(smoke_assets[key])
@@ -190,8 +264,17 @@ def test_bad_input_exits_2_with_one_line(capsys):
     from clustertune.plan import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(REPO / "recipes/configs/flan_t5_base/full.yaml"), "--model.dtpye=fp32",
-              "--gpus-per-node", "8", "--gpu-memory-gib", "80"])
+        main(
+            [
+                "--config",
+                str(REPO / "recipes/configs/flan_t5_base/full.yaml"),
+                "--model.dtpye=fp32",
+                "--gpus-per-node",
+                "8",
+                "--gpu-memory-gib",
+                "80",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "did you mean 'model.dtype'" in capsys.readouterr().err
     with pytest.raises(UserError, match="fp16"):

@@ -50,21 +50,26 @@ def padding_efficiency(batches, micro):
     real = padded = 0
     for global_batch in batches:
         for start in range(0, len(global_batch), micro):
-            chunk = SOURCE[global_batch[start:start + micro]]
+            chunk = SOURCE[global_batch[start : start + micro]]
             real, padded = real + chunk.sum(), padded + chunk.max() * len(chunk)
     return real / padded
 
 
 def test_length_grouping_cuts_padding():
     grouped = plan(world_size=1, micro=4, group=12)
-    random_order = [np.random.default_rng(1).permutation(203)[i:i + 16] for i in range(0, 192, 16)]
+    random_order = [
+        np.random.default_rng(1).permutation(203)[i : i + 16] for i in range(0, 192, 16)
+    ]
     ordered = [grouped._sort_by_length(b) for b in grouped.global_batches(0)]
     assert padding_efficiency(ordered, 4) > padding_efficiency(random_order, 4) + 0.2
 
 
 def test_grad_accum_derivation_and_its_error():
     assert derive_grad_accum_steps(64, 4, 8) == 2
-    with pytest.raises(UserError, match=r"global_batch_size=30 is not divisible by micro_batch_size=4 x world_size=2"):
+    with pytest.raises(
+        UserError,
+        match=r"global_batch_size=30 is not divisible by micro_batch_size=4 x world_size=2",
+    ):
         derive_grad_accum_steps(30, 4, 2)
 
 

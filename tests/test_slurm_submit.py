@@ -49,13 +49,16 @@ def fake_slurm(monkeypatch, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf 'debug*\\ngpu\\n'\n")
-    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch must not run in unit tests' >&2\nexit 1\n")
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch must not run in unit tests' >&2\nexit 1\n"
+    )
     calls = tmp_path / "scontrol.calls"
     state = tmp_path / "job_state"
     state.write_text("RUNNING")
     (bin_dir / "scontrol").write_text(
         f'#!/bin/sh\necho "$@" >> {calls}\n'
-        f'case "$1" in show) echo "JobId=$4 JobState=$(cat {state}) Restarts=0";; esac\n')
+        f'case "$1" in show) echo "JobId=$4 JobState=$(cat {state}) Restarts=0";; esac\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -70,39 +73,81 @@ def test_shipped_settings_load():
         assert yaml.safe_load(path.read_text()) and path.read_text().startswith("#"), path
 
 
-@pytest.mark.parametrize(("text", "minutes"), [
-    ("90", 90), ("1:30", 2), ("04:00:00", 240), ("1-00", 1440), ("2-03:30", 3090), ("0-00:00:59", 1)])
+@pytest.mark.parametrize(
+    ("text", "minutes"),
+    [
+        ("90", 90),
+        ("1:30", 2),
+        ("04:00:00", 240),
+        ("1-00", 1440),
+        ("2-03:30", 3090),
+        ("0-00:00:59", 1),
+    ],
+)
 def test_slurm_time_formats(text, minutes):
     assert parse_time_minutes(text) == minutes
 
 
 def test_dry_run_prints_sbatch_files_and_per_node_commands(capsys, no_slurm, tmp_path):
     settings = yaml.safe_load((REPO / "slurm/dev-cluster.yaml").read_text())
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({**settings, "folder": str(tmp_path / "logs/%j")}))
+    (tmp_path / "cluster.yaml").write_text(
+        yaml.safe_dump({**settings, "folder": str(tmp_path / "logs/%j")})
+    )
     code, out, err = submit(
-        capsys, "--config", str(tmp_path / "cluster.yaml"), "--nodes", "2", "--processes-per-node", "2",
-        "--then", "evaluate", "--eval-config", "recipes/configs/smoke/evaluate.yaml",
-        "--eval-launch", "launch/ddp.yaml", "--dry-run", "--",
-        *RECIPE, "--train.micro_batch_size=4", f"--output_dir={tmp_path / 'run'}")
+        capsys,
+        "--config",
+        str(tmp_path / "cluster.yaml"),
+        "--nodes",
+        "2",
+        "--processes-per-node",
+        "2",
+        "--then",
+        "evaluate",
+        "--eval-config",
+        "recipes/configs/smoke/evaluate.yaml",
+        "--eval-launch",
+        "launch/ddp.yaml",
+        "--dry-run",
+        "--",
+        *RECIPE,
+        "--train.micro_batch_size=4",
+        f"--output_dir={tmp_path / 'run'}",
+    )
     assert code == 0, err
     training, evaluation = out.split("# ---- sbatch file of the")[1:]
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@60",
-                 "#SBATCH --requeue", "#SBATCH --partition=debug", "#SBATCH --time=30",
-                 "export HF_HUB_OFFLINE=1", "-m submitit.core._submit", "%j_%t_log.out"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --signal=USR2@60",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=debug",
+        "#SBATCH --time=30",
+        "export HF_HUB_OFFLINE=1",
+        "-m submitit.core._submit",
+        "%j_%t_log.out",
+    ):
         assert line in training, line
     assert "--dependency" not in training
     node_command = training.split("runs ----\n")[1].splitlines()[0]
     assert "-m clustertune.launch --deepspeed_multinode_launcher standard" in node_command
     assert f"--config_file {REPO / 'launch/zero2.yaml'}" in node_command
     assert "--num_machines 2 --machine_rank $SLURM_NODEID" in node_command
-    assert "--num_processes 4 recipes/finetune.py --config recipes/configs/smoke/lora.yaml" in node_command
+    assert (
+        "--num_processes 4 recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
+        in node_command
+    )
     assert "<address of the first node of $SLURM_JOB_NODELIST>" in node_command
     assert "#SBATCH --dependency=afterok:TRAINING_JOB_ID" in evaluation
     assert "#SBATCH --kill-on-invalid-dep=yes" in evaluation
     eval_command = evaluation.split("runs ----\n")[1].splitlines()[0]
-    assert f"--config_file {REPO / 'launch/ddp.yaml'}" in eval_command and "deepspeed" not in eval_command
-    assert (f"recipes/evaluate.py --config recipes/configs/smoke/evaluate.yaml --run_dir={tmp_path / 'run'} "
-            f"--output_dir={tmp_path / 'run' / 'eval'}") in eval_command
+    assert (
+        f"--config_file {REPO / 'launch/ddp.yaml'}" in eval_command
+        and "deepspeed" not in eval_command
+    )
+    assert (
+        f"recipes/evaluate.py --config recipes/configs/smoke/evaluate.yaml --run_dir={tmp_path / 'run'} "
+        f"--output_dir={tmp_path / 'run' / 'eval'}"
+    ) in eval_command
     assert "looks node-local" in err  # tmp_path is under /tmp: a warning, not an error
     assert f"--output={tmp_path}/logs/%j/%j_0_log.out" in training
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
@@ -111,10 +156,21 @@ def test_dry_run_prints_sbatch_files_and_per_node_commands(capsys, no_slurm, tmp
 def test_node_command_is_valid_accelerate_launch_arguments():
     from accelerate.commands.launch import launch_command_parser
 
-    job = LaunchJob(launch_config=str(REPO / "launch/zero2.yaml"), processes_per_node=2,
-                    recipe_argv=tuple(RECIPE), workdir=str(REPO), max_requeues=1, is_deepspeed=True)
-    node = NodeLaunch(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=20007,
-                      num_processes=4)
+    job = LaunchJob(
+        launch_config=str(REPO / "launch/zero2.yaml"),
+        processes_per_node=2,
+        recipe_argv=tuple(RECIPE),
+        workdir=str(REPO),
+        max_requeues=1,
+        is_deepspeed=True,
+    )
+    node = NodeLaunch(
+        num_machines=2,
+        machine_rank=1,
+        main_process_ip="10.0.0.1",
+        main_process_port=20007,
+        num_processes=4,
+    )
     command = job.command(node)
     assert command[:3] == [sys.executable, "-m", "clustertune.launch"]
     args = launch_command_parser().parse_args(command[3:])
@@ -124,16 +180,34 @@ def test_node_command_is_valid_accelerate_launch_arguments():
     assert args.training_script == "recipes/finetune.py" and args.training_script_args == RECIPE[1:]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--partition", "gpus"], "partition 'gpus' does not exist on this cluster; available: debug, gpu"),
-    (["--launch", "launch/single_gpu.yaml"], "launch/single_gpu.yaml runs a single process (distributed_type: NO) "
-                                             "but nodes x processes_per_node = 1 x 2 = 2"),
-    (["--nodes", "2", "--gpus-per-node", "2", "--processes-per-node", "4"], "processes_per_node=4 is more than gpus_per_node=2"),
-    (["--processes-per-node", "3"], "train.global_batch_size=16 is not divisible by micro_batch_size=8 x world_size=3"),
-    (["--launch", "launch/zero9.yaml"], "launch file 'launch/zero9.yaml' does not exist; use one of: launch/ddp.yaml"),
-    (["--time", "4h"], "time='4h' is not a SLURM time"),
-    (["--time", "1"], "signal_delay_s=60 must be at least 30 and less than time='1' (60 s)"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--partition", "gpus"],
+            "partition 'gpus' does not exist on this cluster; available: debug, gpu",
+        ),
+        (
+            ["--launch", "launch/single_gpu.yaml"],
+            "launch/single_gpu.yaml runs a single process (distributed_type: NO) "
+            "but nodes x processes_per_node = 1 x 2 = 2",
+        ),
+        (
+            ["--nodes", "2", "--gpus-per-node", "2", "--processes-per-node", "4"],
+            "processes_per_node=4 is more than gpus_per_node=2",
+        ),
+        (
+            ["--processes-per-node", "3"],
+            "train.global_batch_size=16 is not divisible by micro_batch_size=8 x world_size=3",
+        ),
+        (
+            ["--launch", "launch/zero9.yaml"],
+            "launch file 'launch/zero9.yaml' does not exist; use one of: launch/ddp.yaml",
+        ),
+        (["--time", "4h"], "time='4h' is not a SLURM time"),
+        (["--time", "1"], "signal_delay_s=60 must be at least 30 and less than time='1' (60 s)"),
+    ],
+)
 def test_preflight_errors_submit_nothing(capsys, fake_slurm, args, message):
     code, out, err = submit(capsys, "--config", "slurm/dev-cluster.yaml", *args, "--", *RECIPE)
     assert code == 2, (out, err)
@@ -148,16 +222,28 @@ def test_recipe_and_inputs_are_checked(capsys, fake_slurm, tmp_path, monkeypatch
         assert code == 2, err
         return err
 
-    assert "recipe 'recipes/finetun.py' does not exist" in error("recipes/finetun.py", "--config", "x.yaml")
+    assert "recipe 'recipes/finetun.py' does not exist" in error(
+        "recipes/finetun.py", "--config", "x.yaml"
+    )
     assert "no recipe given" in error()
     assert "unknown config key 'train.max_step'" in error(*RECIPE, "--train.max_step=3")
-    assert "model.name_or_path './no-such-model' does not exist" in error(*RECIPE, "--model.name_or_path=./no-such-model")
+    assert "model.name_or_path './no-such-model' does not exist" in error(
+        *RECIPE, "--model.name_or_path=./no-such-model"
+    )
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert ("model 'google/flan-t5-small' is not in the Hugging Face cache" in
-            error(*RECIPE, "--model.name_or_path=google/flan-t5-small"))  # HF_HUB_OFFLINE=1 in the YAML
+    assert "model 'google/flan-t5-small' is not in the Hugging Face cache" in error(
+        *RECIPE, "--model.name_or_path=google/flan-t5-small"
+    )  # HF_HUB_OFFLINE=1 in the YAML
     (tmp_path / "hf/hub/models--google--flan-t5-small/snapshots").mkdir(parents=True)
-    code, out, err = submit(capsys, "--config", "slurm/dev-cluster.yaml", "--dry-run", "--", *RECIPE,
-                            "--model.name_or_path=google/flan-t5-small")
+    code, out, err = submit(
+        capsys,
+        "--config",
+        "slurm/dev-cluster.yaml",
+        "--dry-run",
+        "--",
+        *RECIPE,
+        "--model.name_or_path=google/flan-t5-small",
+    )
     assert code == 0, err
     settings = tmp_path / "s.yaml"
     settings.write_text("partition: debug\nnode: 2\n")
@@ -175,8 +261,13 @@ def test_dry_run_without_a_recipe_separator_is_an_error(capsys, no_slurm):
 
 
 def stopped_job(max_requeues: int) -> LaunchJob:
-    return LaunchJob(launch_config="launch/ddp.yaml", processes_per_node=1, recipe_argv=("x.py",),
-                     workdir=str(REPO), max_requeues=max_requeues)
+    return LaunchJob(
+        launch_config="launch/ddp.yaml",
+        processes_per_node=1,
+        recipe_argv=("x.py",),
+        workdir=str(REPO),
+        max_requeues=max_requeues,
+    )
 
 
 def test_node_zero_requeues_a_running_job_after_the_checkpoint(fake_slurm, monkeypatch):
@@ -205,7 +296,9 @@ def test_a_job_slurm_is_ending_is_not_requeued(fake_slurm, monkeypatch):
 
 def test_requeue_limit_is_respected(fake_slurm, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "41")
-    with pytest.raises(RequeueLimitReached, match=r"requeued 2 times already \(max_requeues=2\); submit the same"):
+    with pytest.raises(
+        RequeueLimitReached, match=r"requeued 2 times already \(max_requeues=2\); submit the same"
+    ):
         stopped_job(2)._after_stop(machine_rank=0, restarts=2, received=[signal.SIGUSR2])
     assert "requeue" not in fake_slurm["calls"].read_text()
 
@@ -213,8 +306,13 @@ def test_requeue_limit_is_respected(fake_slurm, monkeypatch):
 def test_launcher_starts_with_usr1_usr2_ignored():
     """So torchrun, which clustertune-launch starts first, survives SLURM's step-wide signal."""
     probe = "import signal as s; print([s.getsignal(n) == s.SIG_IGN for n in (s.SIGUSR1, s.SIGUSR2, s.SIGTERM)])"
-    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                           preexec_fn=slurm_submit._launcher_preexec).stdout
+    shown = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=slurm_submit._launcher_preexec,
+    ).stdout
     assert shown.strip() == "[True, True, False]"
 
 

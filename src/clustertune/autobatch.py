@@ -79,20 +79,28 @@ def search_largest(fits: Callable[[int], bool], limit: int) -> tuple[int, list[i
     return good, probed
 
 
-def choose_micro_batch(largest: int, global_batch_size: int, world_size: int, margin: float) -> tuple[int, str]:
+def choose_micro_batch(
+    largest: int, global_batch_size: int, world_size: int, margin: float
+) -> tuple[int, str]:
     """Apply the safety margin, then keep global_batch_size: micro x accum x world must equal it."""
     if largest < 1:
-        raise UserError("not even micro_batch_size=1 fits in memory with the worst-case sequence lengths; "
-                        "lower data.max_source_length/max_target_length, enable model.gradient_checkpointing, "
-                        "or use a higher ZeRO stage or offload (see recipes/plan.py).")
+        raise UserError(
+            "not even micro_batch_size=1 fits in memory with the worst-case sequence lengths; "
+            "lower data.max_source_length/max_target_length, enable model.gradient_checkpointing, "
+            "or use a higher ZeRO stage or offload (see recipes/plan.py)."
+        )
     limit = margin_applied(largest, margin)
     per_rank = global_batch_size // world_size
-    divisors = [m for m in range(1, min(limit, per_rank) + 1) if global_batch_size % (m * world_size) == 0]
+    divisors = [
+        m for m in range(1, min(limit, per_rank) + 1) if global_batch_size % (m * world_size) == 0
+    ]
     chosen = divisors[-1]
     note = ""
     if chosen < min(limit, per_rank):
-        note = (f"{min(limit, per_rank)} would fit but does not divide global_batch_size={global_batch_size} / "
-                f"world_size={world_size}; using {chosen}")
+        note = (
+            f"{min(limit, per_rank)} would fit but does not divide global_batch_size={global_batch_size} / "
+            f"world_size={world_size}; using {chosen}"
+        )
     return chosen, note
 
 
@@ -104,7 +112,10 @@ def device_description() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return {"device": props.name, "memory_bytes": props.total_memory}
-    return {"device": "cpu", "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    return {
+        "device": "cpu",
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+    }
 
 
 def read_cache(path: Path, key: str) -> dict[str, Any] | None:
@@ -132,7 +143,9 @@ def _injected_oom(rank: int, micro_batch_size: int) -> None:
         return
     thresholds = [int(x) for x in spec.split(",")]
     if micro_batch_size > thresholds[min(rank, len(thresholds) - 1)]:
-        raise torch.OutOfMemoryError(f"injected: micro_batch_size {micro_batch_size} > {thresholds} on rank {rank}")
+        raise torch.OutOfMemoryError(
+            f"injected: micro_batch_size {micro_batch_size} > {thresholds} on rank {rank}"
+        )
 
 
 def _free() -> None:
@@ -150,9 +163,14 @@ class Prober:
     passes its generate call as the first and no-ops for the other two.
     """
 
-    def __init__(self, build: Callable[[int], tuple[Callable[[], None], Callable[[], None], Callable[[], None]]],
-                 make_batch: Callable[[int], dict[str, torch.Tensor]], rank: int, agree: Callable[[bool], bool],
-                 step_name: str = "forward/backward") -> None:
+    def __init__(
+        self,
+        build: Callable[[int], tuple[Callable[[], None], Callable[[], None], Callable[[], None]]],
+        make_batch: Callable[[int], dict[str, torch.Tensor]],
+        rank: int,
+        agree: Callable[[bool], bool],
+        step_name: str = "forward/backward",
+    ) -> None:
         self.build, self.make_batch, self.rank, self.agree = build, make_batch, rank, agree
         self.step_name = step_name  # what the trace says failed: "forward/backward" or "generate"
         self.trace: list[dict[str, Any]] = []
@@ -179,7 +197,9 @@ class Prober:
             if "labels" in state["batch"]:
                 record["labels_shape"] = list(state["batch"]["labels"].shape)
         if ok:
-            ok = self.agree(self._phase(lambda: state.update(engine=self.build(micro_batch_size)))[0])
+            ok = self.agree(
+                self._phase(lambda: state.update(engine=self.build(micro_batch_size)))[0]
+            )
         failed_at = "allocate batch" if not ok else ""
         if ok:
             forward_backward, optimizer_step, cleanup = state["engine"]
@@ -204,7 +224,9 @@ class Prober:
         return ok
 
 
-def cached_search(prober: Prober, limit: int, cache_file: Path, key: str, is_main: bool) -> tuple[int, list[dict[str, Any]], float, bool]:
+def cached_search(
+    prober: Prober, limit: int, cache_file: Path, key: str, is_main: bool
+) -> tuple[int, list[dict[str, Any]], float, bool]:
     """(largest fitting, probes, seconds, cached): from cache_file[key] when every rank has it
     (a restarted or requeued job), else searched with `prober` up to `limit` and cached."""
     cached = read_cache(cache_file, key)
@@ -214,7 +236,11 @@ def cached_search(prober: Prober, limit: int, cache_file: Path, key: str, is_mai
     largest, _ = search_largest(prober.fits, limit)
     seconds = round(time.perf_counter() - start, 3)
     if is_main:
-        write_cache(cache_file, key, {"largest_fitting": largest, "probes": prober.trace, "seconds": seconds})
+        write_cache(
+            cache_file,
+            key,
+            {"largest_fitting": largest, "probes": prober.trace, "seconds": seconds},
+        )
     return largest, prober.trace, seconds, False
 
 

@@ -51,8 +51,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -63,8 +68,15 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -95,8 +107,16 @@ class Checkpointer:
     def complete(self) -> list[tuple[int, Path]]:
         return complete_checkpoints(self.root.parent)
 
-    def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any,
-             is_deepspeed: bool, trainer_state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        *,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        is_deepspeed: bool,
+        trainer_state: dict[str, Any],
+    ) -> Path:
         """Collective: every rank must call it. Returns the completed folder."""
         accel = self.accelerator
         final = self.root / f"step_{step}"
@@ -112,7 +132,11 @@ class Checkpointer:
             model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
         elif accel.is_main_process:
             unwrapped = accel.unwrap_model(model)
-            trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+            trainable = {
+                n: p.detach().cpu().contiguous()
+                for n, p in unwrapped.named_parameters()
+                if p.requires_grad
+            }
             save_file(trainable, str(tmp / "trainable_parameters.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if accel.is_main_process:  # the LR schedule is ours on every path, identical on all ranks
@@ -132,12 +156,18 @@ class Checkpointer:
         accel.wait_for_everyone()
         return final
 
-    def load(self, path: Path, *, model: Any, optimizer: Any, scheduler: Any, is_deepspeed: bool) -> dict[str, Any]:
+    def load(
+        self, path: Path, *, model: Any, optimizer: Any, scheduler: Any, is_deepspeed: bool
+    ) -> dict[str, Any]:
         """Restore model, optimizer, schedule and this rank's RNG; return the trainer state."""
         accel = self.accelerator
         if is_deepspeed:
-            load_path, _ = model.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+            load_path, _ = model.load_checkpoint(
+                str(path),
+                tag=DEEPSPEED_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         else:
@@ -145,8 +175,12 @@ class Checkpointer:
             saved = load_file(str(path / "trainable_parameters.safetensors"))
             result = unwrapped.load_state_dict(saved, strict=False)
             if result.unexpected_keys:
-                raise RuntimeError(f"checkpoint {path} has parameters this model lacks: {result.unexpected_keys[:5]}")
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+                raise RuntimeError(
+                    f"checkpoint {path} has parameters this model lacks: {result.unexpected_keys[:5]}"
+                )
+            optimizer.load_state_dict(
+                torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            )
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng_rank{accel.process_index}.pt"
         if rng_file.is_file():

@@ -232,11 +232,15 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as error:
-        raise UserError(f"cannot read config file '{path}' ({error.strerror}); check the --config path.") from None
+        raise UserError(
+            f"cannot read config file '{path}' ({error.strerror}); check the --config path."
+        ) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config file '{path}' is not valid YAML: {error}".replace("\n", " ")) from None
+        raise UserError(
+            f"config file '{path}' is not valid YAML: {error}".replace("\n", " ")
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping of keys to values.")
     return data
@@ -276,7 +280,9 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
     except SystemExit as exit_:
         if exit_.code in (0, None):  # --help
             raise
-        raise UserError("invalid command-line arguments (see the message above and --help).") from None
+        raise UserError(
+            "invalid command-line arguments (see the message above and --help)."
+        ) from None
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -67,7 +67,9 @@ def load_split(
         if suffix == ".jsonl":
             _check_jsonl(path)
         try:
-            dataset = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+            dataset = datasets.load_dataset(
+                LOCAL_FORMATS[suffix], data_files=str(path), split="train"
+            )
         except Exception as error:  # datasets raises many types for unreadable files
             if "corresponds to no data" in str(error) or path.stat().st_size == 0:
                 raise UserError(f"{what}: '{file_or_dataset}' has no examples.") from None
@@ -118,12 +120,22 @@ def tokenize_dataset(
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        rows = [
+            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
         prompts = [spec.prompt_template.format(**row) for row in rows]
         targets = [str(row[spec.target_column]) for row in rows]
-        out: dict[str, list] = {k: [] for k in (
-            "input_ids", "labels", "num_source_tokens", "num_target_tokens",
-            "source_truncated", "target_truncated")}
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "input_ids",
+                "labels",
+                "num_source_tokens",
+                "num_target_tokens",
+                "source_truncated",
+                "target_truncated",
+            )
+        }
         if spec.kind == "seq2seq":
             sources = tokenizer(prompts)["input_ids"]
             labels = tokenizer(text_target=targets)["input_ids"]
@@ -198,7 +210,9 @@ class Collator:
         if self.decoder_start_token_id is not None:
             decoder_input_ids = torch.full_like(labels, self.pad_token_id)
             decoder_input_ids[:, 0] = self.decoder_start_token_id
-            decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad_token_id)
+            decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(
+                labels[:, :-1] == IGNORE_INDEX, self.pad_token_id
+            )
             batch["decoder_input_ids"] = decoder_input_ids
         return batch
 

@@ -52,8 +52,13 @@ HIDDEN_SIZE_KEYS = {
 
 
 def fill_deepspeed_config(
-    raw: dict, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
-    max_grad_norm: float, dtype: str,
+    raw: dict,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    dtype: str,
 ) -> dict:
     """Replace every "auto" with the value the training config owns; no value lives twice.
 
@@ -78,7 +83,9 @@ def fill_deepspeed_config(
         _set_dotted(config, dotted, value)
     leftover = [key for key in _autos(config) if key not in HIDDEN_SIZE_KEYS]
     if leftover:
-        raise UserError(f"the DeepSpeed config has 'auto' for {leftover}, which no training setting owns; give numbers.")
+        raise UserError(
+            f"the DeepSpeed config has 'auto' for {leftover}, which no training setting owns; give numbers."
+        )
     return config
 
 
@@ -89,7 +96,12 @@ def zero_stage(ds_config: dict | None) -> int:
 
 
 def offloads_optimizer(ds_config: dict | None) -> bool:
-    device = (ds_config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    device = (
+        (ds_config or {})
+        .get("zero_optimization", {})
+        .get("offload_optimizer", {})
+        .get("device", "none")
+    )
     return device not in (None, "none")
 
 
@@ -97,7 +109,9 @@ def load_deepspeed_json(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read the DeepSpeed config '{path}' named by the launch file: {error}") from None
+        raise UserError(
+            f"cannot read the DeepSpeed config '{path}' named by the launch file: {error}"
+        ) from None
 
 
 def init_process_state(use_deepspeed: bool) -> Any:
@@ -136,8 +150,11 @@ def fill_hidden_size_autos(ds_config: dict, model_config: Any) -> dict:
     """Bucket sizes from the model width, as accelerate does when it prepares a model."""
     hidden = getattr(model_config, "hidden_size", None) or model_config.d_model
     zero = ds_config.get("zero_optimization", {})
-    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-             "stage3_param_persistence_threshold": 10 * hidden}
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
     for key, value in sizes.items():
         if zero.get(key) == "auto":
             zero[key] = value
@@ -147,13 +164,17 @@ def fill_hidden_size_autos(ds_config: dict, model_config: Any) -> dict:
 STALE_LOCK_SECONDS = 600  # a DeepSpeed op JIT build takes ~1.5 min on 2 CPU cores
 
 
-def stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS, now: float | None = None) -> list[Path]:
+def stale_extension_locks(
+    max_age_s: float = STALE_LOCK_SECONDS, now: float | None = None
+) -> list[Path]:
     """torch's JIT extension builds (DeepSpeed's ops, e.g. its CPU shm comm op) hold a `lock`
     file in the op's build folder; a process killed mid-build leaves it behind, and every later
     launch then waits for it forever, silently. Lock files older than max_age_s."""
     import time
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path.home() / ".cache" / "torch_extensions"
+    )
     now = time.time() if now is None else now
     stale = []
     for lock in sorted({*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")}):
@@ -168,10 +189,13 @@ def stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS, now: float | No
 @functools.cache  # once per process: init_process_state is called again by build_accelerator
 def warn_stale_extension_locks() -> None:
     for lock in stale_extension_locks():
-        print(f"clustertune: warning: {lock} is {STALE_LOCK_SECONDS // 60}+ minutes old; if no build of "
-              f"'{lock.parent.name}' is running, an earlier process was killed while building it and this "
-              f"run will wait forever: stop it, `rm -rf {lock.parent}` and launch again (it rebuilds).",
-              file=sys.stderr, flush=True)
+        print(
+            f"clustertune: warning: {lock} is {STALE_LOCK_SECONDS // 60}+ minutes old; if no build of "
+            f"'{lock.parent.name}' is running, an earlier process was killed while building it and this "
+            f"run will wait forever: stop it, `rm -rf {lock.parent}` and launch again (it rebuilds).",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_accelerator(
@@ -242,14 +266,20 @@ class DeepSpeedStepper:
 class DDPStepper:
     """Plain PyTorch / DDP: accumulate under no_sync, then clip and step ourselves."""
 
-    def __init__(self, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float) -> None:
+    def __init__(
+        self, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float
+    ) -> None:
         self.accelerator, self.model = accelerator, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm = max_grad_norm
 
     def micro_step(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
         # DDP decides in forward whether backward all-reduces: wrap forward and backward.
-        return contextlib.nullcontext() if is_last_micro_batch else self.accelerator.no_sync(self.model)
+        return (
+            contextlib.nullcontext()
+            if is_last_micro_batch
+            else self.accelerator.no_sync(self.model)
+        )
 
     def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
         self.accelerator.backward(loss)

@@ -658,12 +658,22 @@ class Evaluator:
         cfg, es, g = self.cfg, self.eval_set, self.cfg.generation
         longest = max(range(len(es.prompt_ids)), key=lambda i: (len(es.prompt_ids[i]), -i))
         prompt = es.prompt_ids[longest]
-        worst = {"prompt_tokens": len(prompt), "new_tokens": g.max_new_tokens, "num_beams": g.num_beams}
+        worst = {
+            "prompt_tokens": len(prompt),
+            "new_tokens": g.max_new_tokens,
+            "num_beams": g.num_beams,
+        }
         limit = min(cfg.auto_batch_max, len(es.ids))
         key = cache_key(
-            device=device_description(), model=cfg.model.name_or_path,
-            model_config=self.model_config.to_json_string(), worst_case=worst, limit=limit,
-            dtype=self.dtype, deepspeed=self.ds_config, world_size=self.world_size, kind=self.kind,
+            device=device_description(),
+            model=cfg.model.name_or_path,
+            model_config=self.model_config.to_json_string(),
+            worst_case=worst,
+            limit=limit,
+            dtype=self.dtype,
+            deepspeed=self.ds_config,
+            world_size=self.world_size,
+            kind=self.kind,
             generation=asdict(g),
         )
         pad = self.tokenizer.pad_token_id
@@ -675,7 +685,9 @@ class Evaluator:
 
         def run_generate(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             with torch.no_grad(), self.accelerator.autocast():
-                output = self.generator.generate(**inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3)
+                output = self.generator.generate(
+                    **inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3
+                )
             return output.to("meta")  # only its shape goes into the trace
 
         def build(batch_size: int) -> tuple:  # the model is built once: nothing to rebuild
@@ -693,15 +705,23 @@ class Evaluator:
             )
         chosen = margin_applied(largest, cfg.auto_batch_margin)
         result = SearchResult(
-            largest_fitting=largest, chosen=chosen, grad_accum_steps=1, probes=probes,
-            worst_case_shape=worst, seconds=seconds, cached=was_cached,
-            note="" if largest < limit else f"the search stopped at its limit {limit} "
+            largest_fitting=largest,
+            chosen=chosen,
+            grad_accum_steps=1,
+            probes=probes,
+            worst_case_shape=worst,
+            seconds=seconds,
+            cached=was_cached,
+            note=""
+            if largest < limit
+            else f"the search stopped at its limit {limit} "
             f"(min of auto_batch_max={cfg.auto_batch_max} and {len(es.ids)} examples)",
         )
         how = "from cache" if was_cached else f"searched {len(probes)} sizes in {seconds:.1f} s"
         self._log(
             f"auto batch_size: largest fitting {largest}, chosen {chosen} "
-            f"(margin {cfg.auto_batch_margin:.0%}); {how}" + (f"; {result.note}" if result.note else "")
+            f"(margin {cfg.auto_batch_margin:.0%}); {how}"
+            + (f"; {result.note}" if result.note else "")
         )
         return result
 

@@ -32,10 +32,14 @@ def save_pretrained_verified(model: Any, state_dict: dict[str, torch.Tensor], fo
             f"({sorted(set(expected) ^ set(saved))[:4]}...); refusing to publish it as final/."
         )
     for name, tensor in expected.items():
-        if saved[name].shape != tensor.shape or saved[name].numel() == 0 or not torch.equal(
-            saved[name].to(tensor.dtype).cpu(), tensor.cpu()
+        if (
+            saved[name].shape != tensor.shape
+            or saved[name].numel() == 0
+            or not torch.equal(saved[name].to(tensor.dtype).cpu(), tensor.cpu())
         ):
-            raise RuntimeError(f"adapter tensor {name} in {folder} differs from the trained one after saving.")
+            raise RuntimeError(
+                f"adapter tensor {name} in {folder} differs from the trained one after saving."
+            )
 
 
 def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:

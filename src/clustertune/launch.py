@@ -66,7 +66,9 @@ def run(accelerate_args: list[str]) -> int:
         status_file = Path(scratch) / "status"
         env = dict(os.environ, **{STATUS_FILE_ENV: str(status_file)})
         command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args]
-        launcher = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_launcher_preexec)
+        launcher = subprocess.Popen(
+            command, env=env, start_new_session=True, preexec_fn=_launcher_preexec
+        )
 
         def forward(signum: int, frame: object) -> None:
             # The launcher's direct children are the workers (torchrun's, or the single
@@ -85,8 +87,11 @@ def run(accelerate_args: list[str]) -> int:
         if status == "user_error":  # torchrun reports every failed worker as 1; keep the 2
             return EXIT_USER_ERROR
         if status == "requeue":
-            print(f"clustertune-launch: workers saved a checkpoint and stopped; exit {EXIT_REQUEUE} (requeue)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"clustertune-launch: workers saved a checkpoint and stopped; exit {EXIT_REQUEUE} (requeue)",
+                file=sys.stderr,
+                flush=True,
+            )
             return EXIT_REQUEUE
         return code if code >= 0 else 128 - code
 

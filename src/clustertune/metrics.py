@@ -34,7 +34,11 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -59,7 +63,9 @@ def plot_training(records: list[dict[str, Any]], path: Path) -> None:
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        ax_loss.plot(
+            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss"
+        )
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss (mean per target token)")
     ax_loss.legend()

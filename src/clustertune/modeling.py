@@ -17,8 +17,14 @@ T5_FAMILY = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
 
 
 def _explain_load_error(name: str, error: Exception) -> UserError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-    offline = " (HF_HUB_OFFLINE is set: the model must already be in the HF cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    first_line = (
+        str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    )
+    offline = (
+        " (HF_HUB_OFFLINE is set: the model must already be in the HF cache)"
+        if os.environ.get("HF_HUB_OFFLINE")
+        else ""
+    )
     return UserError(
         f"model.name_or_path: cannot load '{name}'{offline}: {first_line}. Give a folder with "
         "config.json and weights, or a hub id reachable from this machine."
@@ -88,7 +94,9 @@ def resolve_dtype(requested: str, model_config: Any) -> str:
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return "bf16" if has_bf16 else "fp32"
     if requested in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise UserError(f"model.dtype={requested} needs a GPU; this machine has none, use fp32 or auto.")
+        raise UserError(
+            f"model.dtype={requested} needs a GPU; this machine has none, use fp32 or auto."
+        )
     return requested
 
 
@@ -107,11 +115,17 @@ def override_dropout(model_config: Any, dropout: float | None) -> list[str]:
 def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any) -> Any:
     """Load weights in fp32 (master weights); bf16 compute comes from accelerate/DeepSpeed."""
     override_dropout(model_config, cfg.dropout)
-    auto_class = AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
-    loading = contextlib.nullcontext() if supports_zero3_init(model_config) else zero3_init_disabled()
+    auto_class = (
+        AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
+    )
+    loading = (
+        contextlib.nullcontext() if supports_zero3_init(model_config) else zero3_init_disabled()
+    )
     try:
         with loading:
-            model = auto_class.from_pretrained(cfg.name_or_path, config=model_config, dtype=torch.float32)
+            model = auto_class.from_pretrained(
+                cfg.name_or_path, config=model_config, dtype=torch.float32
+            )
     except Exception as error:
         raise _explain_load_error(cfg.name_or_path, error) from None
     if cfg.gradient_checkpointing:
@@ -127,11 +141,16 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any) -> An
 def apply_lora(model: Any, peft_cfg: PeftConfig, model_config: Any) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = list(peft_cfg.target_modules) or (["q", "v"] if model_config.model_type in T5_FAMILY else None)
+    targets = list(peft_cfg.target_modules) or (
+        ["q", "v"] if model_config.model_type in T5_FAMILY else None
+    )
     task = TaskType.SEQ_2_SEQ_LM if model_kind(model_config) == "seq2seq" else TaskType.CAUSAL_LM
     lora = LoraConfig(
-        task_type=task, r=peft_cfg.r, lora_alpha=peft_cfg.alpha,
-        lora_dropout=peft_cfg.dropout, target_modules=targets,
+        task_type=task,
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
     )
     try:
         return get_peft_model(model, lora)

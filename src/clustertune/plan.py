@@ -45,9 +45,17 @@ ADDITIONAL_BUFFER_FACTOR = 1.5
 
 # Config dicts of the FLAN-T5 checkpoints (their config.json), so the planner works offline
 # for these ids. Gated-GELU T5 v1.1 with an untied lm_head; 32,128-token vocabulary.
-_FLAN_T5 = dict(vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+_FLAN_T5 = dict(
+    vocab_size=32128,
+    d_kv=64,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "google/flan-t5-small": dict(_FLAN_T5, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
     "google/flan-t5-base": dict(_FLAN_T5, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
@@ -74,9 +82,17 @@ STRATEGIES = (
     Strategy("zero2", "ZeRO-2", "launch/zero2.yaml", 2),
     Strategy("zero2_offload", "ZeRO-2 + offload optimizer", None, 2, offload_optimizer=True),
     Strategy("zero3", "ZeRO-3", "launch/zero3.yaml", 3),
-    Strategy("zero3_offload_optimizer", "ZeRO-3 + offload optimizer", None, 3, offload_optimizer=True),
-    Strategy("zero3_offload", "ZeRO-3 + offload optimizer+params", "launch/zero3_offload.yaml", 3,
-             offload_optimizer=True, offload_params=True),
+    Strategy(
+        "zero3_offload_optimizer", "ZeRO-3 + offload optimizer", None, 3, offload_optimizer=True
+    ),
+    Strategy(
+        "zero3_offload",
+        "ZeRO-3 + offload optimizer+params",
+        "launch/zero3_offload.yaml",
+        3,
+        offload_optimizer=True,
+        offload_params=True,
+    ),
 )
 SINGLE_GPU = Strategy("single_gpu", "single GPU (no DDP)", "launch/single_gpu.yaml", 0)
 
@@ -161,7 +177,10 @@ def _untie_head_like_checkpoint(model: Any, model_config: Any) -> None:
     """
     import torch
 
-    untied = model_config.model_type in T5_FAMILY and getattr(model_config, "scale_decoder_outputs", True) is False
+    untied = (
+        model_config.model_type in T5_FAMILY
+        and getattr(model_config, "scale_decoder_outputs", True) is False
+    )
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if untied and head is not None and head.weight is embeddings.weight:
         head.weight = torch.nn.Parameter(torch.empty_like(head.weight, device="meta"))
@@ -172,7 +191,9 @@ def build_meta_model(model_config: Any, peft_cfg: PeftConfig) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    auto_class = AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
+    auto_class = (
+        AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
+    )
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from transformers/peft
         model = auto_class.from_config(model_config)
@@ -204,7 +225,9 @@ def planned_precision(requested: str, model_config: Any) -> str:
     """The precision the run gets on the GPU; `auto` means bf16 (Ampere or newer assumed)."""
     if requested == "auto":
         return "bf16"
-    if requested in ("bf16", "fp32") or (requested == "fp16" and model_config.model_type not in T5_FAMILY):
+    if requested in ("bf16", "fp32") or (
+        requested == "fp16" and model_config.model_type not in T5_FAMILY
+    ):
         return requested
     return resolve_dtype(requested, model_config)  # raises: an unknown name, or fp16 with T5
 
@@ -212,7 +235,9 @@ def planned_precision(requested: str, model_config: Any) -> str:
 # --- memory per strategy ---------------------------------------------------------------------
 
 
-def _deepspeed_bytes(strategy: Strategy, counts: ParamCounts, cluster: Cluster, zero_init: bool) -> tuple[int, int]:
+def _deepspeed_bytes(
+    strategy: Strategy, counts: ParamCounts, cluster: Cluster, zero_init: bool
+) -> tuple[int, int]:
     """DeepSpeed's estimators: mixed precision (16-bit weights), every parameter trainable.
 
     Taken as they are, including one quirk: zero2 with offload counts CPU memory per node as
@@ -223,12 +248,22 @@ def _deepspeed_bytes(strategy: Strategy, counts: ParamCounts, cluster: Cluster, 
 
     if strategy.zero_stage == 2:
         return estimate_zero2_model_states_mem_needs(
-            counts.total, cluster.gpus_per_node, cluster.nodes,
-            cpu_offload=strategy.offload_optimizer, additional_buffer_factor=ADDITIONAL_BUFFER_FACTOR)
+            counts.total,
+            cluster.gpus_per_node,
+            cluster.nodes,
+            cpu_offload=strategy.offload_optimizer,
+            additional_buffer_factor=ADDITIONAL_BUFFER_FACTOR,
+        )
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        counts.total, counts.largest_layer, cluster.gpus_per_node, cluster.nodes,
-        cpu_offload=strategy.offload_optimizer, cpu_offload_params=strategy.offload_params,
-        zero_init=zero_init, additional_buffer_factor=ADDITIONAL_BUFFER_FACTOR)
+        counts.total,
+        counts.largest_layer,
+        cluster.gpus_per_node,
+        cluster.nodes,
+        cpu_offload=strategy.offload_optimizer,
+        cpu_offload_params=strategy.offload_params,
+        zero_init=zero_init,
+        additional_buffer_factor=ADDITIONAL_BUFFER_FACTOR,
+    )
     return cpu, gpu
 
 
@@ -294,7 +329,9 @@ def estimate_strategy(
 
 def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> Plan:
     if cluster.gpus_per_node < 1 or cluster.nodes < 1 or cluster.gpu_memory_gib <= 0:
-        raise UserError("--gpus-per-node and --nodes must be at least 1 and --gpu-memory-gib above 0.")
+        raise UserError(
+            "--gpus-per-node and --nodes must be at least 1 and --gpu-memory-gib above 0."
+        )
     model_config, source = load_plan_model_config(cfg.model.name_or_path)
     precision = planned_precision(cfg.model.dtype, model_config)
     counts = count_model_params(build_meta_model(model_config, cfg.peft))
@@ -303,8 +340,16 @@ def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> Plan:
     strategies = ((SINGLE_GPU,) + STRATEGIES[1:]) if cluster.world_size == 1 else STRATEGIES
     estimates = [estimate_strategy(s, counts, cluster, precision, zero_init) for s in strategies]
     recommended = next((e for e in estimates if e.fits and e.strategy.launch_file), None)
-    return Plan(cfg.model.name_or_path, source, cfg.peft.method, precision, counts, cluster,
-                estimates, recommended)
+    return Plan(
+        cfg.model.name_or_path,
+        source,
+        cfg.peft.method,
+        precision,
+        counts,
+        cluster,
+        estimates,
+        recommended,
+    )
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -314,12 +359,19 @@ def launch_command(plan: Plan, config_args: Sequence[str]) -> str | None:
     if plan.recommended is None:
         return None
     cluster = plan.cluster
-    parts = ["clustertune-launch", "--config_file", plan.recommended.strategy.launch_file,
-             "--num_processes", str(cluster.world_size)]
+    parts = [
+        "clustertune-launch",
+        "--config_file",
+        plan.recommended.strategy.launch_file,
+        "--num_processes",
+        str(cluster.world_size),
+    ]
     command = shlex.join(parts)
     if cluster.nodes > 1:  # the same command on every node; under SLURM, slurm_env fills these in
-        command += (f" --num_machines {cluster.nodes} --machine_rank $NODE_RANK"
-                    " --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT")
+        command += (
+            f" --num_machines {cluster.nodes} --machine_rank $NODE_RANK"
+            " --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT"
+        )
     return f"{command} recipes/finetune.py {shlex.join(config_args)}".rstrip()
 
 
@@ -331,8 +383,10 @@ def _batch_line(cfg: FinetuneConfig, world_size: int) -> str:
         accum = derive_grad_accum_steps(cfg.train.global_batch_size, micro, world_size)
     except UserError as error:
         return f"warning: the training run would stop: {error}"
-    return (f"batch: global {cfg.train.global_batch_size} = micro {micro} x accum {accum} "
-            f"x {_count(world_size, 'GPU')}")
+    return (
+        f"batch: global {cfg.train.global_batch_size} = micro {micro} x accum {accum} "
+        f"x {_count(world_size, 'GPU')}"
+    )
 
 
 def _count(number: int, noun: str) -> str:
@@ -343,7 +397,9 @@ def format_plan(plan: Plan, command: str | None, batch_line: str) -> str:
     counts, cluster = plan.counts, plan.cluster
     method = "LoRA" if plan.method == "lora" else "full fine-tune"
     budget = plan.state_budget_bytes / GIB
-    precision = {"bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision", "fp32": "fp32"}[plan.precision]
+    precision = {"bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision", "fp32": "fp32"}[
+        plan.precision
+    ]
     lines = [
         f"model: {plan.model} ({plan.model_source}), {method}, {precision}",
         f"parameters: {counts.total:,} total, {counts.trainable:,} trainable; largest layer "
@@ -354,63 +410,97 @@ def format_plan(plan: Plan, command: str | None, batch_line: str) -> str:
         "activations (not estimated), CUDA context, communication buffers, fragmentation",
     ]
     if plan.precision == "bf16":
-        lines.append("precision: model.dtype=auto/bf16 plans bf16 (Ampere or newer); "
-                     "--model.dtype=fp32 plans for GPUs without bf16")
+        lines.append(
+            "precision: model.dtype=auto/bf16 plans bf16 (Ampere or newer); "
+            "--model.dtype=fp32 plans for GPUs without bf16"
+        )
     if plan.method == "lora":
-        lines.append("LoRA: DeepSpeed's estimators assume every parameter trainable, so every row "
-                     "is plan.py's formula (frozen weights need no gradients or optimizer state)")
-    lines += ["", f"{'strategy':34} {'GPU GiB':>8} {'of GPU':>7} {'CPU GiB/node':>13}  {'fits':4}  "
-                  f"{'launch file':26} estimate"]
+        lines.append(
+            "LoRA: DeepSpeed's estimators assume every parameter trainable, so every row "
+            "is plan.py's formula (frozen weights need no gradients or optimizer state)"
+        )
+    lines += [
+        "",
+        f"{'strategy':34} {'GPU GiB':>8} {'of GPU':>7} {'CPU GiB/node':>13}  {'fits':4}  "
+        f"{'launch file':26} estimate",
+    ]
     for e in plan.estimates:
         share = e.gpu_bytes / (cluster.gpu_memory_gib * GIB)
         mark = "<-" if e is plan.recommended else ""
         launch = e.strategy.launch_file or "(none ships)"
         source = "DeepSpeed" if e.source == "deepspeed" else "formula"
-        lines.append(f"{e.strategy.label:34} {e.gpu_bytes / GIB:8.2f} {share:7.1%} "
-                     f"{e.cpu_bytes_per_node / GIB:13.2f}  {'yes' if e.fits else 'no':4}  "
-                     f"{launch:26} {source} {mark}".rstrip())
+        lines.append(
+            f"{e.strategy.label:34} {e.gpu_bytes / GIB:8.2f} {share:7.1%} "
+            f"{e.cpu_bytes_per_node / GIB:13.2f}  {'yes' if e.fits else 'no':4}  "
+            f"{launch:26} {source} {mark}".rstrip()
+        )
     lines.append("")
     if plan.recommended is None:
-        lines.append("recommended: nothing fits; add GPUs or nodes, use LoRA (--peft.method=lora), "
-                     "or a smaller model.")
+        lines.append(
+            "recommended: nothing fits; add GPUs or nodes, use LoRA (--peft.method=lora), "
+            "or a smaller model."
+        )
         return "\n".join(lines)
     faster = [e for e in plan.estimates[: plan.estimates.index(plan.recommended)] if e.fits]
-    lines.append(f"recommended: {plan.recommended.strategy.label}, the fastest strategy (rows run "
-                 "fastest to slowest) whose model states fit the rule:")
+    lines.append(
+        f"recommended: {plan.recommended.strategy.label}, the fastest strategy (rows run "
+        "fastest to slowest) whose model states fit the rule:"
+    )
     lines.append(f"  {command}")
     if faster:  # fit and are faster, but have no launch file
         labels = " and ".join(e.strategy.label for e in faster)
-        lines.append(f"note: {labels} also fit(s) and is usually faster, but no launch file ships for it: "
-                     "copy a zero2/zero3 launch file and its DeepSpeed JSON and add offload_optimizer.")
+        lines.append(
+            f"note: {labels} also fit(s) and is usually faster, but no launch file ships for it: "
+            "copy a zero2/zero3 launch file and its DeepSpeed JSON and add offload_optimizer."
+        )
     lines.append(batch_line)
     return "\n".join(lines)
 
 
 def plan_to_dict(plan: Plan, command: str | None) -> dict[str, Any]:
     def row(e: Estimate) -> dict[str, Any]:
-        return {**asdict(e.strategy), "gpu_bytes": e.gpu_bytes, "gpu_gib": e.gpu_bytes / GIB,
-                "cpu_bytes_per_node": e.cpu_bytes_per_node, "source": e.source, "fits": e.fits}
+        return {
+            **asdict(e.strategy),
+            "gpu_bytes": e.gpu_bytes,
+            "gpu_gib": e.gpu_bytes / GIB,
+            "cpu_bytes_per_node": e.cpu_bytes_per_node,
+            "source": e.source,
+            "fits": e.fits,
+        }
 
     return {
-        "model": plan.model, "model_source": plan.model_source, "method": plan.method,
-        "precision": plan.precision, "params": asdict(plan.counts), "cluster": asdict(plan.cluster),
-        "max_state_share": MAX_STATE_SHARE, "estimates": [row(e) for e in plan.estimates],
-        "recommended": plan.recommended.strategy.key if plan.recommended else None, "command": command,
+        "model": plan.model,
+        "model_source": plan.model_source,
+        "method": plan.method,
+        "precision": plan.precision,
+        "params": asdict(plan.counts),
+        "cluster": asdict(plan.cluster),
+        "max_state_share": MAX_STATE_SHARE,
+        "estimates": [row(e) for e in plan.estimates],
+        "recommended": plan.recommended.strategy.key if plan.recommended else None,
+        "command": command,
     }
 
 
 def _planner_args() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="plan.py", allow_abbrev=False,
+        prog="plan.py",
+        allow_abbrev=False,
         description="Model-state memory per GPU under DDP and ZeRO 1/2/3 (+offload) and a launch command.",
         epilog="All other arguments are the fine-tuning config's: --config FILE and --section.key=value "
-               "overrides (python recipes/finetune.py --help lists them).",
+        "overrides (python recipes/finetune.py --help lists them).",
     )
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU, e.g. 80")
-    parser.add_argument("--cpu-memory-gib", type=float, default=None,
-                        help="CPU memory per node; rows that need more do not fit (default: not checked)")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, required=True, help="memory of one GPU, e.g. 80"
+    )
+    parser.add_argument(
+        "--cpu-memory-gib",
+        type=float,
+        default=None,
+        help="CPU memory per node; rows that need more do not fit (default: not checked)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     return parser
 
@@ -420,7 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     planner, config_args = _planner_args().parse_known_args(argv)
     cfg = parse_config(FinetuneConfig, config_args)
-    cluster = Cluster(planner.gpus_per_node, planner.nodes, planner.gpu_memory_gib, planner.cpu_memory_gib)
+    cluster = Cluster(
+        planner.gpus_per_node, planner.nodes, planner.gpu_memory_gib, planner.cpu_memory_gib
+    )
     plan = make_plan(cfg, cluster)
     command = launch_command(plan, config_args)
     print(format_plan(plan, command, _batch_line(cfg, cluster.world_size)), flush=True)

@@ -37,7 +37,9 @@ def derive_grad_accum_steps(global_batch_size: int, micro_batch_size: int, world
     if micro_batch_size < 1 or global_batch_size < 1:
         raise UserError("train.global_batch_size and train.micro_batch_size must be positive.")
     if global_batch_size % per_step:
-        fits = [m for m in range(1, global_batch_size + 1) if global_batch_size % (m * world_size) == 0]
+        fits = [
+            m for m in range(1, global_batch_size + 1) if global_batch_size % (m * world_size) == 0
+        ]
         raise UserError(
             f"train.global_batch_size={global_batch_size} is not divisible by "
             f"micro_batch_size={micro_batch_size} x world_size={world_size} = {per_step}; "
@@ -67,7 +69,9 @@ class GlobalBatchPlan:
 
     @property
     def grad_accum_steps(self) -> int:
-        return derive_grad_accum_steps(self.global_batch_size, self.micro_batch_size, self.world_size)
+        return derive_grad_accum_steps(
+            self.global_batch_size, self.micro_batch_size, self.world_size
+        )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,8 +95,13 @@ class GlobalBatchPlan:
             grouped = self._sort_by_length(used[start : start + group])
             for w in range(0, len(grouped), window):
                 part = grouped[w : w + window]
-                part = part[np.lexsort((part, -self.source_lengths[part], -self.target_lengths[part]))]
-                batches += [part[i : i + self.global_batch_size] for i in range(0, len(part), self.global_batch_size)]
+                part = part[
+                    np.lexsort((part, -self.source_lengths[part], -self.target_lengths[part]))
+                ]
+                batches += [
+                    part[i : i + self.global_batch_size]
+                    for i in range(0, len(part), self.global_batch_size)
+                ]
         order = rng.permutation(len(batches))
         return [batches[i] for i in order]
 
@@ -101,7 +110,10 @@ class GlobalBatchPlan:
         ordered = self._sort_by_length(global_batch)
         size = self.micro_batch_size
         return [
-            ordered[(a * self.world_size + self.rank) * size : (a * self.world_size + self.rank + 1) * size]
+            ordered[
+                (a * self.world_size + self.rank) * size : (a * self.world_size + self.rank + 1)
+                * size
+            ]
             for a in range(self.grad_accum_steps)
         ]
 

@@ -48,5 +48,7 @@ class StopForRequeue(Exception):
 
     def __init__(self, step: int, signum: int | None) -> None:
         name = signal.Signals(signum).name if signum else "a signal on another rank"
-        super().__init__(f"stopped by {name} at step {step}; checkpoint saved, resume with the same command")
+        super().__init__(
+            f"stopped by {name} at step {step}; checkpoint saved, resume with the same command"
+        )
         self.step = step

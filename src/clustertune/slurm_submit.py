@@ -59,8 +59,17 @@ EVALUATE_RECIPE = "recipes/evaluate.py"
 # leaves no time to finish the step in flight and save.
 MIN_SIGNAL_DELAY_S = 30
 TERMINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-    "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
+    "SPECIAL_EXIT",
 }
 NODE_LOCAL_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 
@@ -109,7 +118,9 @@ def parse_time_minutes(value: str) -> int:
     """SLURM time formats -> minutes (rounded up): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
     if match is None:
-        raise UserError(f"time={value!r} is not a SLURM time; use 'MM', 'HH:MM:SS' or 'D-HH:MM:SS'.")
+        raise UserError(
+            f"time={value!r} is not a SLURM time; use 'MM', 'HH:MM:SS' or 'D-HH:MM:SS'."
+        )
     days, first, second, third = match.groups()
     if days is not None:  # D-H, D-H:M, D-H:M:S
         hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
@@ -134,7 +145,9 @@ def load_settings(path: str | None, overrides: dict[str, Any]) -> SlurmSettings:
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(known)}."
             raise UserError(f"unknown SLURM setting '{key}' in {where}; {hint}")
     if isinstance(raw.get("time"), int):  # YAML reads 04:00:00 as 14400 and 90 as a number
-        raise UserError(f"time in {where} must be a quoted string like '04:00:00' or '90' (minutes).")
+        raise UserError(
+            f"time in {where} must be a quoted string like '04:00:00' or '90' (minutes)."
+        )
     raw.update({key: value for key, value in overrides.items() if value is not None})
     try:
         settings = config_from_dict(SlurmSettings, raw)
@@ -142,8 +155,10 @@ def load_settings(path: str | None, overrides: dict[str, Any]) -> SlurmSettings:
         raise UserError(f"invalid SLURM setting in {where}: {error}".replace("\n", " ")) from None
     if settings.processes_per_node is None:
         if settings.gpus_per_node < 1:
-            raise UserError("gpus_per_node is 0 (CPU-only nodes): set processes_per_node "
-                            "(or --processes-per-node) to the processes each node should run.")
+            raise UserError(
+                "gpus_per_node is 0 (CPU-only nodes): set processes_per_node "
+                "(or --processes-per-node) to the processes each node should run."
+            )
         settings.processes_per_node = settings.gpus_per_node
     for name in ("nodes", "processes_per_node"):
         if getattr(settings, name) < 1:
@@ -151,16 +166,22 @@ def load_settings(path: str | None, overrides: dict[str, Any]) -> SlurmSettings:
     if settings.gpus_per_node < 0 or settings.max_requeues < 0:
         raise UserError("gpus_per_node and max_requeues cannot be negative.")
     if settings.gpus_per_node and settings.processes_per_node > settings.gpus_per_node:
-        raise UserError(f"processes_per_node={settings.processes_per_node} is more than gpus_per_node="
-                        f"{settings.gpus_per_node}; run one process per GPU.")
+        raise UserError(
+            f"processes_per_node={settings.processes_per_node} is more than gpus_per_node="
+            f"{settings.gpus_per_node}; run one process per GPU."
+        )
     time_s = parse_time_minutes(settings.time) * 60
     if not MIN_SIGNAL_DELAY_S <= settings.signal_delay_s < time_s:
-        raise UserError(f"signal_delay_s={settings.signal_delay_s} must be at least {MIN_SIGNAL_DELAY_S} "
-                        f"and less than time={settings.time!r} ({time_s} s).")
+        raise UserError(
+            f"signal_delay_s={settings.signal_delay_s} must be at least {MIN_SIGNAL_DELAY_S} "
+            f"and less than time={settings.time!r} ({time_s} s)."
+        )
     for flag in settings.sbatch_flags:
         if not flag.startswith("--") or len(flag) < 3:
-            raise UserError(f"sbatch_flags entry {flag!r} must be a long option such as --exclusive "
-                            "or --mail-type=END.")
+            raise UserError(
+                f"sbatch_flags entry {flag!r} must be a long option such as --exclusive "
+                "or --mail-type=END."
+            )
     return settings
 
 
@@ -189,8 +210,12 @@ def _log(message: str) -> None:
 def job_fields(job_id: str) -> dict[str, str] | None:
     """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); None once purged."""
     try:
-        shown = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id],
-                               capture_output=True, text=True, timeout=60)
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if shown.returncode != 0 or "JobState=" not in shown.stdout:
@@ -221,7 +246,9 @@ class LaunchJob:
     is_deepspeed: bool = False
 
     def command(self, node: NodeLaunch) -> list[str]:
-        argv = accelerate_launch_argv(node, self.launch_config, self.recipe_argv[0], list(self.recipe_argv[1:]))
+        argv = accelerate_launch_argv(
+            node, self.launch_config, self.recipe_argv[0], list(self.recipe_argv[1:])
+        )
         flags = argv[2:]  # drop "accelerate launch": clustertune-launch takes the same arguments
         if self.is_deepspeed:
             # One launcher per node, like torchrun; accelerate's default for several machines
@@ -235,15 +262,21 @@ class LaunchJob:
         node = launch_args_from_env(env, self.processes_per_node)
         command = self.command(node)
         where = f"node {env.get('SLURMD_NODENAME', '?')} (machine_rank {node.machine_rank} of {node.num_machines})"
-        _log(f"job {env.get('SLURM_JOB_ID')} run {restarts + 1} (requeued {restarts} of at most "
-             f"{self.max_requeues} times) on {where}: {shlex.join(command)}")
+        _log(
+            f"job {env.get('SLURM_JOB_ID')} run {restarts + 1} (requeued {restarts} of at most "
+            f"{self.max_requeues} times) on {where}: {shlex.join(command)}"
+        )
         code, received = self._run_forwarding_signals(command)
         if code == EXIT_OK:
             _log(f"finished on {where}")
             return {"node": node.machine_rank, "requeues": restarts}
         if code == EXIT_REQUEUE:
             self._after_stop(node.machine_rank, restarts, received)
-        what = "the recipe refused its input (the line above says why)" if code == EXIT_USER_ERROR else "see the log above"
+        what = (
+            "the recipe refused its input (the line above says why)"
+            if code == EXIT_USER_ERROR
+            else "see the log above"
+        )
         raise LaunchFailed(f"clustertune-launch exited with {code} on {where}: {what}.")
 
     def checkpoint(self) -> Any:
@@ -281,18 +314,23 @@ class LaunchJob:
             raise SystemExit(EXIT_REQUEUE)  # no result file: the job is not finished
         state = (job_fields(job_id) or {}).get("JobState", "UNKNOWN")
         if state != "RUNNING":
-            _log(f"checkpoint saved and stopped ({signals}); SLURM is ending the job ({state}: "
-                 "requeued, preempted, cancelled or out of time), so it is not requeued from here. "
-                 "A cancelled job continues from the checkpoint when the same command is submitted again.")
+            _log(
+                f"checkpoint saved and stopped ({signals}); SLURM is ending the job ({state}: "
+                "requeued, preempted, cancelled or out of time), so it is not requeued from here. "
+                "A cancelled job continues from the checkpoint when the same command is submitted again."
+            )
             raise SystemExit(EXIT_REQUEUE)
         if restarts >= self.max_requeues:
             raise RequeueLimitReached(
                 f"checkpoint saved and stopped ({signals}), but job {job_id} was requeued {restarts} "
                 f"times already (max_requeues={self.max_requeues}); submit the same command again to "
-                "continue from the checkpoint.")
+                "continue from the checkpoint."
+            )
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-        _log(f"checkpoint saved and stopped ({signals}); requeued job {job_id} "
-             f"(requeue {restarts + 1} of at most {self.max_requeues}); it resumes from the checkpoint")
+        _log(
+            f"checkpoint saved and stopped ({signals}); requeued job {job_id} "
+            f"(requeue {restarts + 1} of at most {self.max_requeues}); it resumes from the checkpoint"
+        )
         raise SystemExit(EXIT_REQUEUE)
 
 
@@ -310,7 +348,10 @@ def _looks_local(name: str) -> bool:
 def _hub_cache(env: dict[str, str]) -> Path:
     if env.get("HF_HUB_CACHE"):
         return Path(env["HF_HUB_CACHE"]).expanduser()
-    home = Path(env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface")
+    home = Path(
+        env.get("HF_HOME")
+        or Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface"
+    )
     return home.expanduser() / "hub"
 
 
@@ -329,8 +370,10 @@ def _check_model_and_data(cfg: Any, workdir: Path, env: dict[str, str]) -> None:
     if _looks_local(model) and not (workdir / model).expanduser().exists():
         raise UserError(f"model.name_or_path '{model}' does not exist; fix the path.")
     if not _looks_local(model) and offline and not _in_hub_cache(model, "model", env):
-        raise UserError(f"model '{model}' is not in the Hugging Face cache ({_hub_cache(env)}) and "
-                        f"HF_HUB_OFFLINE=1 on the nodes; {hint}.")
+        raise UserError(
+            f"model '{model}' is not in the Hugging Face cache ({_hub_cache(env)}) and "
+            f"HF_HUB_OFFLINE=1 on the nodes; {hint}."
+        )
     data = cfg.data
     for key in ("train_file", "eval_file"):
         name = getattr(data, key)
@@ -340,11 +383,15 @@ def _check_model_and_data(cfg: Any, workdir: Path, env: dict[str, str]) -> None:
         if local and not (workdir / name).expanduser().exists():
             raise UserError(f"data.{key} '{name}' does not exist; fix the path.")
         if not local and offline and not _in_hub_cache(name, "dataset", env):
-            raise UserError(f"dataset '{name}' (data.{key}) is not in the Hugging Face cache and "
-                            f"HF_HUB_OFFLINE=1 on the nodes; {hint}.")
+            raise UserError(
+                f"dataset '{name}' (data.{key}) is not in the Hugging Face cache and "
+                f"HF_HUB_OFFLINE=1 on the nodes; {hint}."
+            )
     if data.dataset and offline and not _in_hub_cache(data.dataset, "dataset", env):
-        raise UserError(f"dataset '{data.dataset}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
-                        f"on the nodes; {hint}.")
+        raise UserError(
+            f"dataset '{data.dataset}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+            f"on the nodes; {hint}."
+        )
 
 
 @contextlib.contextmanager
@@ -358,20 +405,29 @@ def _working_directory(path: Path):  # contextlib.chdir needs Python 3.11
 
 
 def _node_local(path: Path) -> bool:
-    prefixes = [*NODE_LOCAL_PREFIXES, *(os.environ[v] for v in ("TMPDIR", "SLURM_TMPDIR") if os.environ.get(v))]
+    prefixes = [
+        *NODE_LOCAL_PREFIXES,
+        *(os.environ[v] for v in ("TMPDIR", "SLURM_TMPDIR") if os.environ.get(v)),
+    ]
     return any(path == Path(p) or Path(p) in path.parents for p in prefixes)
 
 
 def _launch_file(settings: SlurmSettings, workdir: Path) -> tuple[Path, dict[str, Any]]:
     path = (workdir / settings.launch).resolve()
     if not path.is_file():
-        shipped = ", ".join(sorted(str(p.relative_to(workdir)) for p in (workdir / "launch").glob("*.yaml")))
-        raise UserError(f"launch file '{settings.launch}' does not exist; use one of: {shipped or 'launch/*.yaml'}.")
+        shipped = ", ".join(
+            sorted(str(p.relative_to(workdir)) for p in (workdir / "launch").glob("*.yaml"))
+        )
+        raise UserError(
+            f"launch file '{settings.launch}' does not exist; use one of: {shipped or 'launch/*.yaml'}."
+        )
     launch = load_yaml_mapping(path)
     ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
     if ds_file and not (workdir / ds_file).is_file():
-        raise UserError(f"{settings.launch} names the DeepSpeed config '{ds_file}', which does not exist "
-                        f"(relative to {workdir}); submit from the project root.")
+        raise UserError(
+            f"{settings.launch} names the DeepSpeed config '{ds_file}', which does not exist "
+            f"(relative to {workdir}); submit from the project root."
+        )
     return path, launch
 
 
@@ -399,20 +455,33 @@ class Plan:
     warnings: list[str]
 
 
-def preflight(settings: SlurmSettings, recipe_argv: Sequence[str], *, workdir: Path,
-              then: str | None = None, eval_config: str | None = None, eval_launch: str | None = None) -> Plan:
+def preflight(
+    settings: SlurmSettings,
+    recipe_argv: Sequence[str],
+    *,
+    workdir: Path,
+    then: str | None = None,
+    eval_config: str | None = None,
+    eval_launch: str | None = None,
+) -> Plan:
     """Every mistake we can see before submitting, each as one UserError; warnings returned."""
     warnings: list[str] = []
     if not recipe_argv:
-        raise UserError("no recipe given; put it after --, e.g. -- recipes/finetune.py --config recipes/configs/smoke/lora.yaml")
+        raise UserError(
+            "no recipe given; put it after --, e.g. -- recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
+        )
     script = recipe_argv[0]
     if not (workdir / script).is_file():
-        raise UserError(f"recipe '{script}' does not exist (relative to {workdir}); check the path after --.")
+        raise UserError(
+            f"recipe '{script}' does not exist (relative to {workdir}); check the path after --."
+        )
     if settings.partition:  # where sinfo exists: a dry run on a laptop skips this check
         partitions = _partitions(warnings)
         if partitions is not None and settings.partition not in partitions:
-            raise UserError(f"partition '{settings.partition}' does not exist on this cluster; "
-                            f"available: {', '.join(partitions) or 'none'} (sinfo -s).")
+            raise UserError(
+                f"partition '{settings.partition}' does not exist on this cluster; "
+                f"available: {', '.join(partitions) or 'none'} (sinfo -s)."
+            )
     launch_path, launch = _launch_file(settings, workdir)
     world = world_size(settings)
     distributed = str(launch.get("distributed_type", "NO")).upper()
@@ -420,7 +489,8 @@ def preflight(settings: SlurmSettings, recipe_argv: Sequence[str], *, workdir: P
         raise UserError(
             f"{settings.launch} runs a single process (distributed_type: NO) but nodes x processes_per_node "
             f"= {settings.nodes} x {settings.processes_per_node} = {world}; use launch/ddp.yaml or a "
-            "launch/zero*.yaml, or --nodes 1 --processes-per-node 1.")
+            "launch/zero*.yaml, or --nodes 1 --processes-per-node 1."
+        )
 
     output_dir = None
     if Path(script).name == "finetune.py":
@@ -432,8 +502,10 @@ def preflight(settings: SlurmSettings, recipe_argv: Sequence[str], *, workdir: P
         train = cfg.train
         if train.micro_batch_size == "auto":
             if train.global_batch_size % world:
-                raise UserError(f"train.global_batch_size={train.global_batch_size} is not divisible by the "
-                                f"world size {world} (nodes x processes_per_node); use a multiple of {world}.")
+                raise UserError(
+                    f"train.global_batch_size={train.global_batch_size} is not divisible by the "
+                    f"world size {world} (nodes x processes_per_node); use a multiple of {world}."
+                )
         else:
             derive_grad_accum_steps(train.global_batch_size, int(train.micro_batch_size), world)
         job_env = {**os.environ, **settings.env}
@@ -442,33 +514,61 @@ def preflight(settings: SlurmSettings, recipe_argv: Sequence[str], *, workdir: P
     folder = (workdir / settings.folder).resolve()
     for what, path in (("output_dir", output_dir), ("folder", folder)):
         if path is not None and _node_local(path):
-            warnings.append(f"{what} {path} looks node-local; every node must see it (use shared storage).")
+            warnings.append(
+                f"{what} {path} looks node-local; every node must see it (use shared storage)."
+            )
 
-    job = LaunchJob(launch_config=str(launch_path), processes_per_node=settings.processes_per_node,
-                    recipe_argv=tuple(recipe_argv), workdir=str(workdir), max_requeues=settings.max_requeues,
-                    is_deepspeed=distributed == "DEEPSPEED")
+    job = LaunchJob(
+        launch_config=str(launch_path),
+        processes_per_node=settings.processes_per_node,
+        recipe_argv=tuple(recipe_argv),
+        workdir=str(workdir),
+        max_requeues=settings.max_requeues,
+        is_deepspeed=distributed == "DEEPSPEED",
+    )
     evaluate = None
     if then is not None:
         if then != "evaluate":
             raise UserError(f"--then {then!r}: only 'evaluate' can follow a training job.")
         if output_dir is None:
-            raise UserError("--then evaluate needs a training recipe with an output_dir (recipes/finetune.py).")
+            raise UserError(
+                "--then evaluate needs a training recipe with an output_dir (recipes/finetune.py)."
+            )
         if not (workdir / EVALUATE_RECIPE).is_file():
-            raise UserError(f"--then evaluate needs {EVALUATE_RECIPE}, which does not exist in {workdir}.")
+            raise UserError(
+                f"--then evaluate needs {EVALUATE_RECIPE}, which does not exist in {workdir}."
+            )
         if eval_config is not None and not (workdir / eval_config).is_file():
             raise UserError(f"--eval-config '{eval_config}' does not exist.")
         eval_settings = dataclasses.replace(settings, launch=eval_launch or settings.launch)
         eval_path, eval_launch_data = _launch_file(eval_settings, workdir)
         eval_distributed = str(eval_launch_data.get("distributed_type", "NO")).upper()
         if eval_distributed == "NO" and world != 1:
-            raise UserError(f"--eval-launch {eval_settings.launch} runs a single process but the job has "
-                            f"{world}; use launch/ddp.yaml.")
-        eval_argv = (EVALUATE_RECIPE, *(("--config", eval_config) if eval_config else ()),
-                     f"--run_dir={output_dir}", f"--output_dir={output_dir / 'eval'}")
-        evaluate = dataclasses.replace(job, launch_config=str(eval_path), recipe_argv=eval_argv,
-                                       max_requeues=0, is_deepspeed=eval_distributed == "DEEPSPEED")
-    return Plan(settings=settings, folder=folder, train=job, evaluate=evaluate, output_dir=output_dir,
-                warnings=warnings)
+            raise UserError(
+                f"--eval-launch {eval_settings.launch} runs a single process but the job has "
+                f"{world}; use launch/ddp.yaml."
+            )
+        eval_argv = (
+            EVALUATE_RECIPE,
+            *(("--config", eval_config) if eval_config else ()),
+            f"--run_dir={output_dir}",
+            f"--output_dir={output_dir / 'eval'}",
+        )
+        evaluate = dataclasses.replace(
+            job,
+            launch_config=str(eval_path),
+            recipe_argv=eval_argv,
+            max_requeues=0,
+            is_deepspeed=eval_distributed == "DEEPSPEED",
+        )
+    return Plan(
+        settings=settings,
+        folder=folder,
+        train=job,
+        evaluate=evaluate,
+        output_dir=output_dir,
+        warnings=warnings,
+    )
 
 
 # --------------------------------------------------------------------------- submitit
@@ -480,7 +580,9 @@ def _sbatch_memory(mem_gb: float | None) -> str | None:
     return f"{int(mem_gb)}G" if float(mem_gb).is_integer() else f"{round(mem_gb * 1024)}M"
 
 
-def _sbatch_parameters(settings: SlurmSettings, job_name: str, dependency: str | None) -> dict[str, Any]:
+def _sbatch_parameters(
+    settings: SlurmSettings, job_name: str, dependency: str | None
+) -> dict[str, Any]:
     """submitit SlurmExecutor parameters: one task per node, USR2 signal_delay_s before the end."""
     extra: dict[str, Any] = {}
     for flag in settings.sbatch_flags:
@@ -488,23 +590,36 @@ def _sbatch_parameters(settings: SlurmSettings, job_name: str, dependency: str |
         extra[key] = value if has_value else True
     extra.setdefault("requeue", True)  # the job may be requeued after a stop with a checkpoint
     parameters: dict[str, Any] = dict(
-        job_name=job_name, nodes=settings.nodes, ntasks_per_node=1,
-        time=parse_time_minutes(settings.time), signal_delay_s=settings.signal_delay_s,  # minutes, as submitit expects
-        setup=[*(f"export {name}={shlex.quote(str(value))}" for name, value in settings.env.items()),
-               *settings.setup],
+        job_name=job_name,
+        nodes=settings.nodes,
+        ntasks_per_node=1,
+        time=parse_time_minutes(settings.time),
+        signal_delay_s=settings.signal_delay_s,  # minutes, as submitit expects
+        setup=[
+            *(f"export {name}={shlex.quote(str(value))}" for name, value in settings.env.items()),
+            *settings.setup,
+        ],
     )
     if dependency:
         parameters["dependency"] = dependency
         extra["kill-on-invalid-dep"] = "yes"  # a failed training cancels its evaluation
-    optional = dict(gpus_per_node=settings.gpus_per_node or None, cpus_per_task=settings.cpus_per_task,
-                    mem=_sbatch_memory(settings.mem_gb), partition=settings.partition, account=settings.account,
-                    qos=settings.qos, constraint=settings.constraint)
+    optional = dict(
+        gpus_per_node=settings.gpus_per_node or None,
+        cpus_per_task=settings.cpus_per_task,
+        mem=_sbatch_memory(settings.mem_gb),
+        partition=settings.partition,
+        account=settings.account,
+        qos=settings.qos,
+        constraint=settings.constraint,
+    )
     parameters.update({key: value for key, value in optional.items() if value is not None})
     parameters["additional_parameters"] = extra
     return parameters
 
 
-def make_executor(folder: Path, parameters: dict[str, Any], max_requeues: int, *, render_only: bool = False) -> Any:
+def make_executor(
+    folder: Path, parameters: dict[str, Any], max_requeues: int, *, render_only: bool = False
+) -> Any:
     """submitit's SLURM executor. SlurmExecutor rather than AutoExecutor: we only ever target
     SLURM, and a dry run must render the sbatch file where srun is missing (render_only)."""
     import submitit
@@ -516,7 +631,8 @@ def make_executor(folder: Path, parameters: dict[str, Any], max_requeues: int, *
 
     # max_num_timeout bounds submitit's own requeues (LaunchJob.checkpoint, before __call__ runs).
     executor = (RenderOnlySlurmExecutor if render_only else submitit.SlurmExecutor)(
-        folder=folder, max_num_timeout=max_requeues)
+        folder=folder, max_num_timeout=max_requeues
+    )
     executor.update_parameters(**parameters)
     return executor
 
@@ -528,17 +644,23 @@ def sbatch_text(executor: Any) -> str:
 
 def node_command_text(job: LaunchJob, settings: SlurmSettings) -> str:
     placeholder = NodeLaunch(
-        num_machines=settings.nodes, machine_rank="$SLURM_NODEID",  # type: ignore[arg-type]
+        num_machines=settings.nodes,
+        machine_rank="$SLURM_NODEID",  # type: ignore[arg-type]
         main_process_ip="<address of the first node of $SLURM_JOB_NODELIST>",
         main_process_port="<20000 + $SLURM_JOB_ID % 40001>",  # type: ignore[arg-type]
-        num_processes=world_size(settings))
-    return " ".join(arg if arg.startswith(("$", "<")) else shlex.quote(arg) for arg in job.command(placeholder))
+        num_processes=world_size(settings),
+    )
+    return " ".join(
+        arg if arg.startswith(("$", "<")) else shlex.quote(arg) for arg in job.command(placeholder)
+    )
 
 
 def describe_plan(plan: Plan) -> str:
     s = plan.settings
-    lines = [f"job: {s.nodes} node(s) x {s.processes_per_node} process(es) = world size {world_size(s)}, "
-             f"{s.launch}, time {s.time}, requeues <= {s.max_requeues}"]
+    lines = [
+        f"job: {s.nodes} node(s) x {s.processes_per_node} process(es) = world size {world_size(s)}, "
+        f"{s.launch}, time {s.time}, requeues <= {s.max_requeues}"
+    ]
     if plan.output_dir:
         lines.append(f"output_dir: {plan.output_dir}")
     return "\n".join(lines)
@@ -551,12 +673,16 @@ def dry_run(plan: Plan) -> str:
     if plan.evaluate is not None:
         jobs.append(("evaluation", plan.evaluate, "afterok:TRAINING_JOB_ID", f"{s.job_name}-eval"))
     for title, job, dependency, name in jobs:
-        executor = make_executor(plan.folder, _sbatch_parameters(s, name, dependency), job.max_requeues,
-                                 render_only=True)
-        parts += [f"# ---- sbatch file of the {title} job (submitit; %j is the job id) ----",
-                  sbatch_text(executor),
-                  f"# ---- each of its {s.nodes} task(s) (one per node) runs ----",
-                  node_command_text(job, s), ""]
+        executor = make_executor(
+            plan.folder, _sbatch_parameters(s, name, dependency), job.max_requeues, render_only=True
+        )
+        parts += [
+            f"# ---- sbatch file of the {title} job (submitit; %j is the job id) ----",
+            sbatch_text(executor),
+            f"# ---- each of its {s.nodes} task(s) (one per node) runs ----",
+            node_command_text(job, s),
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -568,7 +694,11 @@ class Submitted:
 
     def log_paths(self, nodes: int) -> list[Path]:
         folder = Path(str(self.folder).replace("%j", self.job_id))
-        return [folder / f"{self.job_id}_{rank}_log.{ext}" for rank in range(nodes) for ext in ("out", "err")]
+        return [
+            folder / f"{self.job_id}_{rank}_log.{ext}"
+            for rank in range(nodes)
+            for ext in ("out", "err")
+        ]
 
 
 def submit(plan: Plan) -> list[Submitted]:
@@ -578,9 +708,14 @@ def submit(plan: Plan) -> list[Submitted]:
     submitted = [Submitted(train.job_id, "training", plan.folder)]
     if plan.evaluate is not None:
         eval_executor = make_executor(
-            plan.folder, _sbatch_parameters(s, f"{s.job_name}-eval", f"afterok:{train.job_id}"), 0)
+            plan.folder, _sbatch_parameters(s, f"{s.job_name}-eval", f"afterok:{train.job_id}"), 0
+        )
         evaluate = eval_executor.submit(plan.evaluate)
-        submitted.append(Submitted(evaluate.job_id, f"evaluation (after job {train.job_id} succeeds)", plan.folder))
+        submitted.append(
+            Submitted(
+                evaluate.job_id, f"evaluation (after job {train.job_id} succeeds)", plan.folder
+            )
+        )
     return submitted
 
 
@@ -589,8 +724,12 @@ def _final_state(job_id: str) -> dict[str, str]:
     if shown is not None:
         return shown
     # Purged from the controller (MinJobAge): ask accounting.
-    found = subprocess.run(["sacct", "-j", job_id, "-o", "JobID,State", "--parsable2", "-n"],
-                           capture_output=True, text=True, timeout=60).stdout.splitlines()
+    found = subprocess.run(
+        ["sacct", "-j", job_id, "-o", "JobID,State", "--parsable2", "-n"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.splitlines()
     states = [line.split("|")[1].split()[0] for line in found if line.split("|")[0] == job_id]
     return {"JobState": states[-1] if states else "UNKNOWN"}
 
@@ -609,8 +748,11 @@ def wait(submitted: list[Submitted], poll_s: float = 2.0) -> bool:
             key = (state, info.get("Restarts", "0"))
             if last.get(job.job_id) != key:
                 last[job.job_id] = key
-                print(f"[{time.monotonic() - began:6.1f} s] job {job.job_id} ({job.title}): {state}"
-                      f"{', requeued ' + key[1] + ' time(s)' if key[1] != '0' else ''}", flush=True)
+                print(
+                    f"[{time.monotonic() - began:6.1f} s] job {job.job_id} ({job.title}): {state}"
+                    f"{', requeued ' + key[1] + ' time(s)' if key[1] != '0' else ''}",
+                    flush=True,
+                )
             if state in TERMINAL_STATES:
                 ended[job.job_id] = {**info, "wall_s": f"{time.monotonic() - began:.1f}"}
         if len(ended) < len(submitted):
@@ -619,13 +761,19 @@ def wait(submitted: list[Submitted], poll_s: float = 2.0) -> bool:
     for job in submitted:
         info = ended[job.job_id]
         ok &= info["JobState"] == "COMPLETED"
-        print(f"job {job.job_id} ({job.title}): {info['JobState']}, exit {info.get('ExitCode', '?')}, "
-              f"requeued {info.get('Restarts', '?')} time(s), run time of the last run "
-              f"{info.get('RunTime', '?')}, {info['wall_s']} s since submission", flush=True)
+        print(
+            f"job {job.job_id} ({job.title}): {info['JobState']}, exit {info.get('ExitCode', '?')}, "
+            f"requeued {info.get('Restarts', '?')} time(s), run time of the last run "
+            f"{info.get('RunTime', '?')}, {info['wall_s']} s since submission",
+            flush=True,
+        )
         if info["JobState"] != "COMPLETED":
             folder = Path(str(job.folder).replace("%j", job.job_id))
-            print(f"  why: {folder}/{job.job_id}_*_log.err (a dependent job is cancelled when its "
-                  "predecessor fails)", flush=True)
+            print(
+                f"  why: {folder}/{job.job_id}_*_log.err (a dependent job is cancelled when its "
+                "predecessor fails)",
+                flush=True,
+            )
     return ok
 
 
@@ -637,19 +785,34 @@ def _parser() -> argparse.ArgumentParser:
         prog="clustertune-submit",
         usage="clustertune-submit [--config slurm/<cluster>.yaml] [options] -- RECIPE [recipe args]",
         description="Run a recipe on SLURM (submitit): one task per node, each running clustertune-launch. "
-                    "Flags override the settings YAML.")
-    parser.add_argument("--config", help="cluster settings YAML (slurm/cluster.yaml, slurm/dev-cluster.yaml)")
+        "Flags override the settings YAML.",
+    )
+    parser.add_argument(
+        "--config", help="cluster settings YAML (slurm/cluster.yaml, slurm/dev-cluster.yaml)"
+    )
     parser.add_argument("--nodes", type=int)
     parser.add_argument("--gpus-per-node", type=int)
-    parser.add_argument("--processes-per-node", type=int, help="default: gpus per node; set it on CPU-only nodes")
+    parser.add_argument(
+        "--processes-per-node", type=int, help="default: gpus per node; set it on CPU-only nodes"
+    )
     parser.add_argument("--partition")
     parser.add_argument("--time", help="SLURM time limit per run, e.g. 04:00:00")
     parser.add_argument("--launch", help="accelerate launch file, e.g. launch/zero2.yaml")
-    parser.add_argument("--then", choices=["evaluate"], help="submit recipes/evaluate.py after the training succeeds")
+    parser.add_argument(
+        "--then",
+        choices=["evaluate"],
+        help="submit recipes/evaluate.py after the training succeeds",
+    )
     parser.add_argument("--eval-config", help="evaluation config for --then evaluate")
-    parser.add_argument("--eval-launch", help="launch file of the evaluation job (default: --launch)")
-    parser.add_argument("--wait", action="store_true", help="block until the job(s) end; exit 1 if one failed")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch file(s) and per-node commands only")
+    parser.add_argument(
+        "--eval-launch", help="launch file of the evaluation job (default: --launch)"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="block until the job(s) end; exit 1 if one failed"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch file(s) and per-node commands only"
+    )
     return parser
 
 
@@ -657,25 +820,39 @@ def parse_command_line(argv: Sequence[str]) -> tuple[argparse.Namespace, list[st
     argv = list(argv)
     if "--" in argv:
         split = argv.index("--")
-        own, recipe = argv[:split], argv[split + 1:]
+        own, recipe = argv[:split], argv[split + 1 :]
     else:
         own, recipe = argv, []
     args = _parser().parse_args(own)
     if not recipe and not any(a in own for a in ("-h", "--help")):
-        raise UserError("no recipe given; end the options with -- and the recipe, e.g. "
-                        "-- recipes/finetune.py --config recipes/configs/smoke/lora.yaml")
+        raise UserError(
+            "no recipe given; end the options with -- and the recipe, e.g. "
+            "-- recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
+        )
     return args, recipe
 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args, recipe = parse_command_line(sys.argv[1:] if argv is None else argv)
-    overrides = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "processes_per_node": args.processes_per_node,
-                 "partition": args.partition, "time": args.time, "launch": args.launch}
+    overrides = {
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
+        "processes_per_node": args.processes_per_node,
+        "partition": args.partition,
+        "time": args.time,
+        "launch": args.launch,
+    }
     settings = load_settings(args.config, overrides)
     workdir = Path.cwd()
-    plan = preflight(settings, recipe, workdir=workdir, then=args.then, eval_config=args.eval_config,
-                     eval_launch=args.eval_launch)
+    plan = preflight(
+        settings,
+        recipe,
+        workdir=workdir,
+        then=args.then,
+        eval_config=args.eval_config,
+        eval_launch=args.eval_launch,
+    )
     for warning in plan.warnings:
         print(f"clustertune-submit: warning: {warning}", file=sys.stderr, flush=True)
     if args.dry_run:
@@ -685,15 +862,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(describe_plan(plan))
     for job in submitted:
         logs = job.log_paths(settings.nodes)
-        print(f"submitted job {job.job_id}: {job.title}\n  logs: {logs[0].parent}/{job.job_id}_<node>_log.{{out,err}} "
-              f"(node 0: {logs[0].name})\n  follow: tail -F {' '.join(str(p) for p in logs)}", flush=True)
+        print(
+            f"submitted job {job.job_id}: {job.title}\n  logs: {logs[0].parent}/{job.job_id}_<node>_log.{{out,err}} "
+            f"(node 0: {logs[0].name})\n  follow: tail -F {' '.join(str(p) for p in logs)}",
+            flush=True,
+        )
     if args.wait:
         try:
             return 0 if wait(submitted) else 1
         except KeyboardInterrupt:
             ids = " ".join(job.job_id for job in submitted)
-            print(f"\nstopped waiting; the job(s) keep running (squeue -j {ids.replace(' ', ',')}; scancel {ids})",
-                  file=sys.stderr)
+            print(
+                f"\nstopped waiting; the job(s) keep running (squeue -j {ids.replace(' ', ',')}; scancel {ids})",
+                file=sys.stderr,
+            )
             return 130
     return 0
 

@@ -76,10 +76,22 @@ FINAL_MARKER = "clustertune_final.json"
 # Settings that must not change between a checkpoint and its resume (the data order,
 # the model and the meaning of a step depend on them).
 FINGERPRINT_KEYS = (
-    "seed", "model.name_or_path", "peft.method", "peft.r", "peft.alpha", "peft.target_modules",
-    "data.train_file", "data.dataset", "data.train_split", "data.source_column",
-    "data.target_column", "data.prompt_template", "data.max_source_length",
-    "data.max_target_length", "data.length_group_size", "train.global_batch_size",
+    "seed",
+    "model.name_or_path",
+    "peft.method",
+    "peft.r",
+    "peft.alpha",
+    "peft.target_modules",
+    "data.train_file",
+    "data.dataset",
+    "data.train_split",
+    "data.source_column",
+    "data.target_column",
+    "data.prompt_template",
+    "data.max_source_length",
+    "data.max_target_length",
+    "data.length_group_size",
+    "train.global_batch_size",
 )
 
 
@@ -91,7 +103,10 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
     # The data order also depends on the batch-plan code: its version is part of the identity.
-    return {**{key: _get(cfg, key) for key in FINGERPRINT_KEYS}, "batch_plan_version": BATCH_PLAN_VERSION}
+    return {
+        **{key: _get(cfg, key) for key in FINGERPRINT_KEYS},
+        "batch_plan_version": BATCH_PLAN_VERSION,
+    }
 
 
 class WarmupDecay:
@@ -112,20 +127,32 @@ class WarmupDecay:
         return 1.0 - progress
 
 
-def build_optimizer(model: torch.nn.Module, t: Any, ds_config: dict | None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, t: Any, ds_config: dict | None
+) -> torch.optim.Optimizer:
     """AdamW without decay on biases and norms; DeepSpeed's CPU Adam under ZeRO-Offload."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if "bias" in name or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]  # ZeRO drops empty groups (LoRA has no norms)
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload wants its CPU Adam
 
-        return DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                eps=t.adam_epsilon, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        return DeepSpeedCPUAdam(
+            groups,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon,
+            adamw_mode=True,
+        )
+    return torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+    )
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -148,8 +175,10 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], kind: str) -> tor
     if kind == "causal":  # position t predicts token t+1
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-        ignore_index=data_lib.IGNORE_INDEX, reduction="sum",
+        logits.float().reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=data_lib.IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -165,7 +194,9 @@ class Trainer:
         self._validate_before_compute()
         self.state = init_process_state(use_deepspeed=self.ds_raw is not None)
         if self.state.num_processes != self.world_size:
-            raise RuntimeError(f"accelerate sees {self.state.num_processes} processes, the launcher {self.world_size}")
+            raise RuntimeError(
+                f"accelerate sees {self.state.num_processes} processes, the launcher {self.world_size}"
+            )
         self.is_main = self.state.is_main_process
         from accelerate.utils import set_seed
 
@@ -173,31 +204,58 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self._load_data()
         steps_per_epoch = len(self.train_data) // cfg.train.global_batch_size
-        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.num_epochs * steps_per_epoch
+        self.total_steps = (
+            cfg.train.max_steps
+            if cfg.train.max_steps > 0
+            else cfg.train.num_epochs * steps_per_epoch
+        )
         if self._already_finished():
             return False
         resume_from = self._resume_path()
         if resume_from is not None:
             self._check_resumable(resume_from)
         self.auto_batch = self._auto_micro_batch() if cfg.train.micro_batch_size == "auto" else None
-        self.micro_batch_size = self.auto_batch.chosen if self.auto_batch else cfg.train.micro_batch_size
-        self.grad_accum_steps = derive_grad_accum_steps(cfg.train.global_batch_size, self.micro_batch_size, self.world_size)
-        self.ds_config = None if self.ds_raw is None else fill_deepspeed_config(
-            self.ds_raw, micro_batch_size=self.micro_batch_size, grad_accum_steps=self.grad_accum_steps,
-            world_size=self.world_size, max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
+        self.micro_batch_size = (
+            self.auto_batch.chosen if self.auto_batch else cfg.train.micro_batch_size
+        )
+        self.grad_accum_steps = derive_grad_accum_steps(
+            cfg.train.global_batch_size, self.micro_batch_size, self.world_size
+        )
+        self.ds_config = (
+            None
+            if self.ds_raw is None
+            else fill_deepspeed_config(
+                self.ds_raw,
+                micro_batch_size=self.micro_batch_size,
+                grad_accum_steps=self.grad_accum_steps,
+                world_size=self.world_size,
+                max_grad_norm=cfg.train.max_grad_norm,
+                dtype=self.dtype,
+            )
+        )
         self.accelerator = build_accelerator(
-            ds_config=self.ds_config, dtype=self.dtype, project_dir=str(self.output_dir),
+            ds_config=self.ds_config,
+            dtype=self.dtype,
+            project_dir=str(self.output_dir),
             report_to=cfg.train.report_to,
         )
-        self.checkpointer = Checkpointer(self.output_dir, self.accelerator, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(
+            self.output_dir, self.accelerator, cfg.checkpoint.keep_last
+        )
         self.plan = GlobalBatchPlan(
             source_lengths=np.asarray(self.train_data["num_source_tokens"]),
             target_lengths=np.asarray(self.train_data["num_target_tokens"]),
-            global_batch_size=cfg.train.global_batch_size, micro_batch_size=self.micro_batch_size,
-            world_size=self.world_size, rank=self.state.process_index, seed=cfg.seed,
-            length_group_size=cfg.data.length_group_size)
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            world_size=self.world_size,
+            rank=self.state.process_index,
+            seed=cfg.seed,
+            length_group_size=cfg.data.length_group_size,
+        )
         if self.is_main:
-            write_resolved_config(cfg, self.output_dir / "config.yaml", header=self._config_header())
+            write_resolved_config(
+                cfg, self.output_dir / "config.yaml", header=self._config_header()
+            )
         self._setup_model()
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.is_main)
         self.start_step = 0
@@ -206,7 +264,9 @@ class Trainer:
         elif self.is_main:
             self.metrics.truncate_after(-1)  # a fresh run: a fresh metrics file
         if self.auto_batch is not None:
-            self.metrics.write({"step": self.start_step, "event": "auto_batch", **to_json(self.auto_batch)})
+            self.metrics.write(
+                {"step": self.start_step, "event": "auto_batch", **to_json(self.auto_batch)}
+            )
         if cfg.train.report_to:
             self.accelerator.init_trackers("clustertune", config=_flat_config(cfg))
         self.stop_flag = StopFlag()
@@ -218,31 +278,50 @@ class Trainer:
         cfg = self.cfg
         self.world_size = launched_world_size()
         if isinstance(cfg.train.micro_batch_size, str) and cfg.train.micro_batch_size != "auto":
-            raise UserError(f"train.micro_batch_size={cfg.train.micro_batch_size!r} must be a number or auto.")
+            raise UserError(
+                f"train.micro_batch_size={cfg.train.micro_batch_size!r} must be a number or auto."
+            )
         if cfg.train.micro_batch_size != "auto":
-            derive_grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.world_size)
+            derive_grad_accum_steps(
+                cfg.train.global_batch_size, cfg.train.micro_batch_size, self.world_size
+            )
         elif cfg.train.global_batch_size % self.world_size:
-            raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-                            f"world_size={self.world_size}; use a multiple of {self.world_size}.")
+            raise UserError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+                f"world_size={self.world_size}; use a multiple of {self.world_size}."
+            )
         if cfg.train.lr_schedule not in ("linear", "cosine", "constant"):
-            raise UserError(f"train.lr_schedule={cfg.train.lr_schedule!r} is not one of linear, cosine, constant.")
+            raise UserError(
+                f"train.lr_schedule={cfg.train.lr_schedule!r} is not one of linear, cosine, constant."
+            )
         if cfg.peft.method not in ("none", "lora"):
             raise UserError(f"peft.method={cfg.peft.method!r} is not one of none, lora.")
         if cfg.train.max_steps <= 0 and cfg.train.num_epochs <= 0:
             raise UserError("set train.max_steps or train.num_epochs to a positive number.")
-        if cfg.resume not in ("auto", "never") and not (Path(cfg.resume) / "COMPLETE.json").is_file():
-            raise UserError(f"resume='{cfg.resume}' is not a complete checkpoint folder; use auto, never, or a checkpoints/step_N path.")
+        if (
+            cfg.resume not in ("auto", "never")
+            and not (Path(cfg.resume) / "COMPLETE.json").is_file()
+        ):
+            raise UserError(
+                f"resume='{cfg.resume}' is not a complete checkpoint folder; use auto, never, or a checkpoints/step_N path."
+            )
         if cfg.data.source_column not in data_lib.template_fields(cfg.data.prompt_template):
             raise UserError(
                 f"data.prompt_template has no {{{cfg.data.source_column}}} placeholder for "
-                f"data.source_column='{cfg.data.source_column}'; add it to the template.")
+                f"data.source_column='{cfg.data.source_column}'; add it to the template."
+            )
         if not (cfg.data.train_file or cfg.data.dataset):
-            raise UserError("no training data: set data.train_file (a file or hub id) or data.dataset.")
+            raise UserError(
+                "no training data: set data.train_file (a file or hub id) or data.dataset."
+            )
         check_output_dir(self.output_dir)
-        if cfg.resume == "never" and ((self.output_dir / "checkpoints").is_dir() or (self.output_dir / "final").is_dir()):
+        if cfg.resume == "never" and (
+            (self.output_dir / "checkpoints").is_dir() or (self.output_dir / "final").is_dir()
+        ):
             raise UserError(
                 f"output_dir '{self.output_dir}' already holds a run and resume=never would overwrite it; "
-                "use another output_dir or resume=auto.")
+                "use another output_dir or resume=auto."
+            )
         self.model_config = load_model_config(cfg.model.name_or_path)
         self.kind = model_kind(self.model_config)
         self.dtype = resolve_dtype(cfg.model.dtype, self.model_config)
@@ -250,36 +329,60 @@ class Trainer:
         # "auto" entries stay until the micro-batch size is known (auto batch sizing)
         self.ds_raw = load_deepspeed_json(ds_path) if ds_path else None
         if self.ds_raw is not None:  # reject a config no setting can complete, before any compute
-            fill_deepspeed_config(self.ds_raw, micro_batch_size=1, grad_accum_steps=1, world_size=self.world_size,
-                                  max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
+            fill_deepspeed_config(
+                self.ds_raw,
+                micro_batch_size=1,
+                grad_accum_steps=1,
+                world_size=self.world_size,
+                max_grad_norm=cfg.train.max_grad_norm,
+                dtype=self.dtype,
+            )
         self.is_deepspeed = self.ds_raw is not None
 
     def _load_data(self) -> None:
         cfg, state = self.cfg, self.state
         d = cfg.data
         required = [*data_lib.template_fields(d.prompt_template), d.target_column]
-        spec = data_lib.TokenizeSpec(self.kind, d.prompt_template, d.target_column, d.max_source_length, d.max_target_length)
+        spec = data_lib.TokenizeSpec(
+            self.kind, d.prompt_template, d.target_column, d.max_source_length, d.max_target_length
+        )
         train_source = d.train_file or d.dataset
         eval_source = d.eval_file or (d.dataset if d.dataset and not d.train_file else None)
         with state.main_process_first():  # rank 0 tokenises and caches; the others read the cache
-            train = data_lib.load_split(train_source, split=d.train_split, required_columns=required,
-                                        what="data.train_file" if d.train_file else "data.dataset")
+            train = data_lib.load_split(
+                train_source,
+                split=d.train_split,
+                required_columns=required,
+                what="data.train_file" if d.train_file else "data.dataset",
+            )
             self.train_data = data_lib.tokenize_dataset(train, self.tokenizer, spec, d.num_proc)
             self.eval_data = None
             if eval_source:
-                evaluation = data_lib.load_split(eval_source, split=d.eval_split, required_columns=required,
-                                                 what="data.eval_file" if d.eval_file else "data.dataset")
+                evaluation = data_lib.load_split(
+                    eval_source,
+                    split=d.eval_split,
+                    required_columns=required,
+                    what="data.eval_file" if d.eval_file else "data.dataset",
+                )
                 if d.max_eval_examples:
                     evaluation = evaluation.select(range(min(d.max_eval_examples, len(evaluation))))
-                self.eval_data = data_lib.tokenize_dataset(evaluation, self.tokenizer, spec, d.num_proc)
+                self.eval_data = data_lib.tokenize_dataset(
+                    evaluation, self.tokenizer, spec, d.num_proc
+                )
         if len(self.train_data) < cfg.train.global_batch_size:
-            raise UserError(f"the training data has {len(self.train_data)} examples, fewer than "
-                            f"train.global_batch_size={cfg.train.global_batch_size}; lower the global batch size.")
+            raise UserError(
+                f"the training data has {len(self.train_data)} examples, fewer than "
+                f"train.global_batch_size={cfg.train.global_batch_size}; lower the global batch size."
+            )
         if self.is_main:
             print(data_lib.truncation_report(self.train_data, "train", spec), flush=True)
             if self.eval_data is not None:
                 print(data_lib.truncation_report(self.eval_data, "eval", spec), flush=True)
-        decoder_start = getattr(self.model_config, "decoder_start_token_id", None) if self.kind == "seq2seq" else None
+        decoder_start = (
+            getattr(self.model_config, "decoder_start_token_id", None)
+            if self.kind == "seq2seq"
+            else None
+        )
         if self.kind == "seq2seq" and decoder_start is None:
             decoder_start = self.tokenizer.pad_token_id
         self.collator = data_lib.Collator(self.tokenizer.pad_token_id, decoder_start)
@@ -287,26 +390,55 @@ class Trainer:
     # ------------------------------------------------------------------ auto batch size
     def _auto_micro_batch(self) -> SearchResult:
         cfg, state = self.cfg, self.state
-        worst = {"source_tokens": int(max(self.train_data["num_source_tokens"])),
-                 "target_tokens": int(max(self.train_data["num_target_tokens"]))}
-        key = cache_key(device=device_description(), model=cfg.model.name_or_path,
-                        model_config=self.model_config.to_json_string(), worst_case=worst, dtype=self.dtype,
-                        peft=dataclasses.asdict(cfg.peft), deepspeed=self.ds_raw, world_size=self.world_size,
-                        gradient_checkpointing=cfg.model.gradient_checkpointing, kind=self.kind)
-        prober = Prober(self._build_probe, self._worst_case_batch(worst), state.process_index, all_ranks_agree)
+        worst = {
+            "source_tokens": int(max(self.train_data["num_source_tokens"])),
+            "target_tokens": int(max(self.train_data["num_target_tokens"])),
+        }
+        key = cache_key(
+            device=device_description(),
+            model=cfg.model.name_or_path,
+            model_config=self.model_config.to_json_string(),
+            worst_case=worst,
+            dtype=self.dtype,
+            peft=dataclasses.asdict(cfg.peft),
+            deepspeed=self.ds_raw,
+            world_size=self.world_size,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            kind=self.kind,
+        )
+        prober = Prober(
+            self._build_probe, self._worst_case_batch(worst), state.process_index, all_ranks_agree
+        )
         # the upper bound: one rank's share of the global batch (accumulation 1)
         largest, probes, seconds, was_cached = cached_search(
-            prober, cfg.train.global_batch_size // self.world_size, self.output_dir / "auto_batch.json", key,
-            self.is_main)
-        chosen, note = choose_micro_batch(largest, cfg.train.global_batch_size, self.world_size, cfg.train.auto_batch_margin)
-        result = SearchResult(largest_fitting=largest, chosen=chosen,
-                              grad_accum_steps=cfg.train.global_batch_size // (chosen * self.world_size),
-                              probes=probes, worst_case_shape=worst, seconds=seconds, cached=was_cached, note=note)
+            prober,
+            cfg.train.global_batch_size // self.world_size,
+            self.output_dir / "auto_batch.json",
+            key,
+            self.is_main,
+        )
+        chosen, note = choose_micro_batch(
+            largest, cfg.train.global_batch_size, self.world_size, cfg.train.auto_batch_margin
+        )
+        result = SearchResult(
+            largest_fitting=largest,
+            chosen=chosen,
+            grad_accum_steps=cfg.train.global_batch_size // (chosen * self.world_size),
+            probes=probes,
+            worst_case_shape=worst,
+            seconds=seconds,
+            cached=was_cached,
+            note=note,
+        )
         if self.is_main:
             how = "from cache" if was_cached else f"searched {len(probes)} sizes in {seconds:.1f} s"
-            print(f"auto micro-batch: largest fitting {largest}, chosen {chosen} "
-                  f"(margin {cfg.train.auto_batch_margin:.0%}), grad_accum_steps {result.grad_accum_steps} for "
-                  f"global_batch_size {cfg.train.global_batch_size}; {how}" + (f"; {note}" if note else ""), flush=True)
+            print(
+                f"auto micro-batch: largest fitting {largest}, chosen {chosen} "
+                f"(margin {cfg.train.auto_batch_margin:.0%}), grad_accum_steps {result.grad_accum_steps} for "
+                f"global_batch_size {cfg.train.global_batch_size}; {how}"
+                + (f"; {note}" if note else ""),
+                flush=True,
+            )
         return result
 
     def _worst_case_batch(self, worst: dict[str, int]) -> Callable[[int], dict[str, torch.Tensor]]:
@@ -319,7 +451,10 @@ class Trainer:
         target = torch.randint(3, vocab, (worst["target_tokens"],), generator=generator).tolist()
         source[-1] = target[-1] = eos
         if self.kind == "causal":
-            example = {"input_ids": source + target, "labels": [data_lib.IGNORE_INDEX] * len(source) + target}
+            example = {
+                "input_ids": source + target,
+                "labels": [data_lib.IGNORE_INDEX] * len(source) + target,
+            }
         else:
             example = {"input_ids": source, "labels": target}
 
@@ -338,8 +473,13 @@ class Trainer:
             import deepspeed
 
             ds_config = fill_deepspeed_config(
-                self.ds_raw, micro_batch_size=micro_batch_size, grad_accum_steps=1, world_size=self.world_size,
-                max_grad_norm=cfg.train.max_grad_norm, dtype=self.dtype)
+                self.ds_raw,
+                micro_batch_size=micro_batch_size,
+                grad_accum_steps=1,
+                world_size=self.world_size,
+                max_grad_norm=cfg.train.max_grad_norm,
+                dtype=self.dtype,
+            )
             ds_config = fill_hidden_size_autos(ds_config, self.model_config)
             ds_config["zero_allow_untested_optimizer"] = True
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -362,10 +502,15 @@ class Trainer:
         if self.cfg.resume == "never" or not marker.is_file():
             return False
         finished = json.loads(marker.read_text())
-        if finished.get("step") == self.total_steps and finished.get("fingerprint") == _jsonable(fingerprint(self.cfg)):
+        if finished.get("step") == self.total_steps and finished.get("fingerprint") == _jsonable(
+            fingerprint(self.cfg)
+        ):
             if self.is_main:
-                print(f"clustertune: {self.output_dir} already finished at step {self.total_steps} "
-                      f"(final/ is complete); nothing to do.", flush=True)
+                print(
+                    f"clustertune: {self.output_dir} already finished at step {self.total_steps} "
+                    f"(final/ is complete); nothing to do.",
+                    flush=True,
+                )
             return True
         return False
 
@@ -381,13 +526,17 @@ class Trainer:
         model = build_model(cfg.model, cfg.peft, self.model_config)
         trainable, total = count_parameters(model)
         if self.is_main:
-            print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
-                  f"{self.kind}, {cfg.peft.method}, dtype {self.dtype}, "
-                  f"{'ZeRO-' + str(zero_stage(self.ds_config)) if self.is_deepspeed else 'DDP' if self.world_size > 1 else 'single process'}",
-                  flush=True)
+            print(
+                f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
+                f"{self.kind}, {cfg.peft.method}, dtype {self.dtype}, "
+                f"{'ZeRO-' + str(zero_stage(self.ds_config)) if self.is_deepspeed else 'DDP' if self.world_size > 1 else 'single process'}",
+                flush=True,
+            )
         t = cfg.train
         optimizer = build_optimizer(model, t, self.ds_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(t.warmup_steps, self.total_steps, t.lr_schedule))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupDecay(t.warmup_steps, self.total_steps, t.lr_schedule)
+        )
         # The schedule stays a plain LambdaLR that we step once per optimizer step in both
         # paths (accelerate's wrapper would step it num_processes times per call).
         if self.is_deepspeed:
@@ -408,30 +557,45 @@ class Trainer:
             raise UserError(
                 f"the checkpoint in {path} was made with different settings "
                 f"({'; '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
-                "use a new output_dir, or allow_config_change=true to resume anyway.")
+                "use a new output_dir, or allow_config_change=true to resume anyway."
+            )
         if self.is_deepspeed and state["world_size"] != self.world_size:
             raise UserError(
                 f"the checkpoint in {path} holds ZeRO partitions for {state['world_size']} ranks, this launch has "
-                f"{self.world_size}; resume with {state['world_size']} processes or start a new output_dir.")
+                f"{self.world_size}; resume with {state['world_size']} processes or start a new output_dir."
+            )
 
     def _resume(self, path: Path) -> None:
         start = time.perf_counter()
-        state = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer,
-                                       scheduler=self.scheduler, is_deepspeed=self.is_deepspeed)
+        state = self.checkpointer.load(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            is_deepspeed=self.is_deepspeed,
+        )
         self.start_step = state["step"]
         self.metrics.truncate_after(self.start_step)
         if self.is_main:
-            print(f"resumed from {path} at step {self.start_step} of {self.total_steps} "
-                  f"(loaded in {time.perf_counter() - start:.2f} s)", flush=True)
+            print(
+                f"resumed from {path} at step {self.start_step} of {self.total_steps} "
+                f"(loaded in {time.perf_counter() - start:.2f} s)",
+                flush=True,
+            )
 
     def _config_header(self) -> str:
-        return (f"# Resolved config of this run (the single source of truth); rerun with:\n"
-                f"#   accelerate launch --config_file <launch.yaml> recipes/finetune.py --config {self.output_dir / 'config.yaml'}\n")
+        return (
+            f"# Resolved config of this run (the single source of truth); rerun with:\n"
+            f"#   accelerate launch --config_file <launch.yaml> recipes/finetune.py --config {self.output_dir / 'config.yaml'}\n"
+        )
 
     # ------------------------------------------------------------------ train
     def _to_device(self, indices: np.ndarray, source: Any) -> dict[str, torch.Tensor]:
         rows = source[[int(i) for i in indices]]
-        examples = [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"], strict=True)]
+        examples = [
+            {"input_ids": a, "labels": b}
+            for a, b in zip(rows["input_ids"], rows["labels"], strict=True)
+        ]
         return {k: v.to(self.accelerator.device) for k, v in self.collator(examples).items()}
 
     @torch.no_grad()
@@ -442,9 +606,13 @@ class Trainer:
             return None
         accel = self.accelerator
         self.model.eval()
-        lengths = np.asarray(self.eval_data["num_source_tokens"]) + np.asarray(self.eval_data["num_target_tokens"])
+        lengths = np.asarray(self.eval_data["num_source_tokens"]) + np.asarray(
+            self.eval_data["num_target_tokens"]
+        )
         totals = torch.zeros(2, device=accel.device, dtype=torch.float64)
-        for indices, counts in eval_micro_batches(lengths, self.micro_batch_size, self.world_size, accel.process_index):
+        for indices, counts in eval_micro_batches(
+            lengths, self.micro_batch_size, self.world_size, accel.process_index
+        ):
             batch = self._to_device(indices, self.eval_data)
             loss_sum = token_loss_sum(self.model, batch, self.kind)
             if counts:
@@ -468,7 +636,9 @@ class Trainer:
         if self.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.start_step, desc="training", dynamic_ncols=True)
+            progress = tqdm(
+                total=self.total_steps, initial=self.start_step, desc="training", dynamic_ncols=True
+            )
         interval = {"tokens": 0.0, "slots": 0.0, "samples": 0, "start": time.perf_counter()}
         batches, batches_epoch = None, -1
         for step in range(self.start_step + 1, self.total_steps + 1):
@@ -491,8 +661,11 @@ class Trainer:
                 real, slots = real + batch_real, slots + batch_slots
             grad_norm = self.stepper.optimizer_step()
             # one small all-reduce per step: loss, token counts and the stop flag together
-            stats = torch.tensor([float(loss_sum_local), real, slots, float(self.stop_flag.is_set)],
-                                 device=accel.device, dtype=torch.float64)
+            stats = torch.tensor(
+                [float(loss_sum_local), real, slots, float(self.stop_flag.is_set)],
+                device=accel.device,
+                dtype=torch.float64,
+            )
             stats = accel.reduce(stats, reduction="sum")
             loss = float(stats[0]) / self.plan.target_tokens(global_batch)
             interval["tokens"] += float(stats[1])
@@ -507,8 +680,12 @@ class Trainer:
             if step % t.log_every_steps == 0 or step == self.total_steps or eval_loss is not None:
                 elapsed = time.perf_counter() - interval["start"]
                 record = {
-                    "step": step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm, "tokens_per_second": interval["tokens"] / elapsed,
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_second": interval["tokens"] / elapsed,
                     "samples_per_second": interval["samples"] / elapsed,
                     "padding_efficiency": interval["tokens"] / max(1.0, interval["slots"]),
                     "peak_memory_gib": peak_memory_gib(),
@@ -519,7 +696,12 @@ class Trainer:
                 if t.report_to:
                     accel.log(record, step=step)
                 if self.is_main and progress is not None:
-                    progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                    progress.write(
+                        " ".join(
+                            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()
+                        )
+                    )
                 interval = {"tokens": 0.0, "slots": 0.0, "samples": 0, "start": time.perf_counter()}
             stop_requested = float(stats[3]) > 0
             every = cfg.checkpoint.every_steps
@@ -535,16 +717,32 @@ class Trainer:
         self.final_step = self.total_steps
         final_eval = self.evaluate()
         if final_eval is not None:
-            self._log_main(f"eval loss after training: {final_eval:.4f}"
-                           + (f" (before: {self.initial_eval_loss:.4f})" if hasattr(self, "initial_eval_loss") else ""))
+            self._log_main(
+                f"eval loss after training: {final_eval:.4f}"
+                + (
+                    f" (before: {self.initial_eval_loss:.4f})"
+                    if hasattr(self, "initial_eval_loss")
+                    else ""
+                )
+            )
             self.metrics.write({"step": self.total_steps, "eval_loss": final_eval, "final": True})
 
     def save_checkpoint(self, step: int) -> None:
         start = time.perf_counter()
-        state = {"step": step, "world_size": self.world_size, "fingerprint": _jsonable(fingerprint(self.cfg)),
-                 "total_steps": self.total_steps}
-        path = self.checkpointer.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                      is_deepspeed=self.is_deepspeed, trainer_state=state)
+        state = {
+            "step": step,
+            "world_size": self.world_size,
+            "fingerprint": _jsonable(fingerprint(self.cfg)),
+            "total_steps": self.total_steps,
+        }
+        path = self.checkpointer.save(
+            step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            is_deepspeed=self.is_deepspeed,
+            trainer_state=state,
+        )
         self._log_main(f"checkpoint saved: {path} ({time.perf_counter() - start:.2f} s)")
 
     # ------------------------------------------------------------------ outputs
@@ -566,11 +764,17 @@ class Trainer:
             unwrapped.config.use_cache = True
             save_pretrained_verified(unwrapped, state_dict, tmp)
             self.tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / FINAL_MARKER, {
-                "step": self.final_step, "fingerprint": _jsonable(fingerprint(self.cfg)),
-                "peft_method": self.cfg.peft.method, "base_model": self.cfg.model.name_or_path,
-                "kind": self.kind, "prompt_template": self.cfg.data.prompt_template,
-            })
+            write_json_atomic(
+                tmp / FINAL_MARKER,
+                {
+                    "step": self.final_step,
+                    "fingerprint": _jsonable(fingerprint(self.cfg)),
+                    "peft_method": self.cfg.peft.method,
+                    "base_model": self.cfg.model.name_or_path,
+                    "kind": self.kind,
+                    "prompt_template": self.cfg.data.prompt_template,
+                },
+            )
             old = self.output_dir / ".final.old"
             if final.exists():  # never lose a previous final/ until the new one is in place
                 shutil.rmtree(old, ignore_errors=True)

@@ -21,5 +21,7 @@ stepper.optimizer_step()
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 gathered = accelerator.gather(flat.unsqueeze(0))
 if accelerator.is_main_process:
-    print(f"distributed_type={accelerator.distributed_type} num_processes={accelerator.num_processes}")
+    print(
+        f"distributed_type={accelerator.distributed_type} num_processes={accelerator.num_processes}"
+    )
     print(f"max_param_difference={float((gathered[0] - gathered[1]).abs().max())}")

@@ -226,8 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from clustertune.atomicio import read_jsonl
     from clustertune.evaluation import GenerationSettings, generate_kwargs, load_eval_set
-    from clustertune.smoke import read_jsonl
 
     device, load_start = start(args)
     data_config, data_source = eval_data(args.data, args.examples)

@@ -59,7 +59,8 @@ SEED_MAX_LENGTH = 512  # the seed pads both prompt and summary to the tokenizer'
 # --------------------------------------------------------------------------- data
 def load_pairs(source: str) -> tuple[list[dict[str, str]], str]:
     """(dialogue, summary) rows and a sentence saying where they came from."""
-    from clustertune.smoke import ensure_smoke_assets, read_jsonl
+    from clustertune.atomicio import read_jsonl
+    from clustertune.smoke import ensure_smoke_assets
 
     dev, test = DIALOGSUM / "dialogsum.dev.jsonl", DIALOGSUM / "dialogsum.test.jsonl"
     if source in ("auto", "dialogsum") and dev.is_file() and test.is_file():

@@ -8,12 +8,11 @@ Exit codes: 0 done (or already finished), 2 bad config/input, 75 stopped by a si
 saving a checkpoint (requeue and rerun the same command to continue).
 """
 
-import os
 import sys
 
 from clustertune.config import FinetuneConfig, parse_config
-from clustertune.errors import EXIT_REQUEUE, exit_on_user_error
-from clustertune.signals import STATUS_FILE_ENV, StopForRequeue
+from clustertune.errors import exit_on_user_error
+from clustertune.stop import StopForRequeue, exit_code_after_stop
 from clustertune.train import Trainer
 
 
@@ -27,9 +26,7 @@ def main() -> int:
         trainer.train()
     except StopForRequeue as stop:
         print(f"clustertune: {stop}", file=sys.stderr, flush=True)
-        # Under clustertune-launch the status file carries the verdict and the wrapper exits
-        # 75; exiting 0 here keeps torchrun from reporting a stop as a crash.
-        return 0 if os.environ.get(STATUS_FILE_ENV) else EXIT_REQUEUE
+        return exit_code_after_stop()  # 75, or 0 + status file under clustertune-launch
     trainer.save_final()
     trainer.cleanup()
     return 0

@@ -13,7 +13,7 @@ import yaml
 from helpers import REPO
 
 from clustertune import slurm_submit
-from clustertune.errors import EXIT_REQUEUE, UserError
+from clustertune.errors import UserError
 from clustertune.slurm_env import NodeLaunch
 from clustertune.slurm_submit import (
     LaunchJob,
@@ -21,6 +21,7 @@ from clustertune.slurm_submit import (
     load_settings,
     parse_time_minutes,
 )
+from clustertune.stop import EXIT_REQUEUE, launcher_preexec
 
 RECIPE = ["recipes/finetune.py", "--config", "recipes/configs/smoke/lora.yaml"]
 
@@ -311,7 +312,7 @@ def test_launcher_starts_with_usr1_usr2_ignored():
         capture_output=True,
         text=True,
         check=True,
-        preexec_fn=slurm_submit._launcher_preexec,
+        preexec_fn=launcher_preexec,
     ).stdout
     assert shown.strip() == "[True, True, False]"
 

@@ -11,7 +11,8 @@ import huggingface_hub.constants
 import pytest
 
 from clustertune import smoke
-from clustertune.smoke import SCENARIOS, ensure_smoke_assets, generate_dialogsum_like, read_jsonl
+from clustertune.atomicio import read_jsonl
+from clustertune.smoke import SCENARIOS, ensure_smoke_assets, generate_dialogsum_like
 
 ASSET_KEYS = ["train", "validation", "test", "tiny_t5", "tiny_causal"]
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from clustertune.atomicio import write_json_atomic
 from clustertune.errors import UserError
 
 OOM_TEST_ENV = "CLUSTERTUNE_TEST_OOM_ABOVE"  # test-only: "4,2" = rank 0 fits <= 4, rank 1 <= 2
@@ -131,9 +132,7 @@ def write_cache(path: Path, key: str, value: dict[str, Any]) -> None:
     except (OSError, json.JSONDecodeError):
         data = {}
     data[key] = value
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _injected_oom(rank: int, micro_batch_size: int) -> None:

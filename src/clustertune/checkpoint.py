@@ -24,27 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from clustertune.atomicio import fsync_dir, write_json_atomic
+
 MARKER = "COMPLETE.json"
 TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_TAG = "engine"
 CRASH_ENV = "CLUSTERTUNE_TEST_CRASH_IN_SAVE"  # test-only fault injection: "RANK:STEP"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -148,9 +133,9 @@ class Checkpointer:
         if accel.is_main_process:
             write_json_atomic(tmp / TRAINER_STATE, trainer_state)
             write_json_atomic(tmp / MARKER, {"step": step, "world_size": accel.num_processes})
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             for _, old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         accel.wait_for_everyone()

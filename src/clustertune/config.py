@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import draccus
 import yaml
 
+from clustertune.atomicio import write_text_atomic
 from clustertune.errors import UserError
 
 SEED_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -293,10 +294,7 @@ def config_to_yaml(cfg: Any) -> str:
 
 def write_resolved_config(cfg: Any, path: Path, header: str = "") -> None:
     """Write the fully resolved config atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + config_to_yaml(cfg))
-    os.replace(tmp, path)
+    write_text_atomic(path, header + config_to_yaml(cfg))
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-# Exit codes a scheduler wrapper can act on (documented in README "Exit codes").
-EXIT_OK = 0
-EXIT_USER_ERROR = 2  # bad config or input: fix it, do not requeue
-EXIT_REQUEUE = 75  # stopped on a signal after saving a checkpoint (EX_TEMPFAIL): requeue me
+from clustertune.stop import EXIT_USER_ERROR, STATUS_USER_ERROR, write_status
 
 
 class UserError(Exception):
@@ -30,10 +26,7 @@ def exit_on_user_error(main: F) -> F:
             return main(*args, **kwargs)
         except UserError as error:
             print(f"clustertune: error: {error}", file=sys.stderr, flush=True)
-            status_file = os.environ.get("CLUSTERTUNE_STATUS_FILE")  # set by clustertune-launch
-            if status_file:
-                with open(status_file, "w") as handle:
-                    handle.write("user_error\n")
+            write_status(STATUS_USER_ERROR)  # clustertune-launch then exits 2, not torchrun's 1
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +30,7 @@ import torch
 
 from clustertune import data as data_lib
 from clustertune import rouge
+from clustertune.atomicio import atomic_path, write_text_atomic
 from clustertune.autobatch import (
     Prober,
     SearchResult,
@@ -516,12 +516,6 @@ def merge_predictions(records: Iterable[Sequence[Any]], ids: Sequence[str]) -> l
 # ---------------------------------------------------------------------------- outputs
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
     return {metric: round(value, 4) for metric, value in scores.items()}
 
@@ -1005,11 +999,9 @@ def plot_comparison(
     ax.set_ylabel("ROUGE F x100 (best reference, 95% CI)")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def compare_runs(

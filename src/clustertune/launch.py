@@ -2,7 +2,7 @@
 
     clustertune-launch --config_file launch/zero2.yaml --num_processes 2 recipes/finetune.py --config ...
 
-Why a wrapper (../shared/PITFALLS.md, "Process trees", "SLURM and preemption"):
+Why a wrapper (the stop protocol itself is in clustertune.stop):
 - torchrun (inside accelerate launch) forwards only SIGINT/TERM/HUP/QUIT to its workers, and
   SIGUSR1/USR2 (what SLURM and submitit send before a time limit) kill the launcher itself,
   leaving the workers orphaned; it starts workers in new sessions, so a signal to the
@@ -19,7 +19,6 @@ forwards, so no worker is left running unobserved.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -27,10 +26,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clustertune.errors import EXIT_REQUEUE, EXIT_USER_ERROR
-from clustertune.signals import STATUS_FILE_ENV
-
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+from clustertune.stop import (
+    EXIT_REQUEUE,
+    EXIT_USER_ERROR,
+    STATUS_FILE_ENV,
+    STATUS_REQUEUE,
+    STATUS_USER_ERROR,
+    STOP_SIGNALS,
+    launcher_preexec,
+    read_status,
+)
 
 
 def children(pid: int) -> list[int]:
@@ -52,22 +57,13 @@ def descendants(pid: int) -> list[int]:
     return result
 
 
-def _launcher_preexec() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    # SLURM signals every process of a job step, torchrun included, and USR1/USR2 would kill
-    # it; ignored here (inherited), the workers install their own handlers for them.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
 def run(accelerate_args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="clustertune-launch-") as scratch:
         status_file = Path(scratch) / "status"
         env = dict(os.environ, **{STATUS_FILE_ENV: str(status_file)})
         command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args]
         launcher = subprocess.Popen(
-            command, env=env, start_new_session=True, preexec_fn=_launcher_preexec
+            command, env=env, start_new_session=True, preexec_fn=launcher_preexec
         )
 
         def forward(signum: int, frame: object) -> None:
@@ -80,13 +76,13 @@ def run(accelerate_args: list[str]) -> int:
                 except ProcessLookupError:
                     pass
 
-        for sig in FORWARDED:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, forward)
         code = launcher.wait()
-        status = status_file.read_text().strip() if status_file.is_file() else ""
-        if status == "user_error":  # torchrun reports every failed worker as 1; keep the 2
+        status = read_status(status_file)
+        if status == STATUS_USER_ERROR:  # torchrun reports every failed worker as 1; keep the 2
             return EXIT_USER_ERROR
-        if status == "requeue":
+        if status == STATUS_REQUEUE:
             print(
                 f"clustertune-launch: workers saved a checkpoint and stopped; exit {EXIT_REQUEUE} (requeue)",
                 file=sys.stderr,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clustertune.atomicio import append_jsonl, atomic_path, read_jsonl, write_jsonl_atomic
 
 
 def peak_memory_gib() -> float:
@@ -26,27 +26,17 @@ class MetricsLog:
         self.path, self.enabled = Path(path), enabled
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.enabled:
+            append_jsonl(self.path, record)
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        kept = [record for record in read_jsonl(self.path) if record.get("step", 0) <= step]
+        write_jsonl_atomic(self.path, kept)
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path) if self.path.exists() else []
 
 
 def plot_training(records: list[dict[str, Any]], path: Path) -> None:
@@ -74,5 +64,6 @@ def plot_training(records: list[dict[str, Any]], path: Path) -> None:
     ax_speed.set_xlabel("optimizer step")
     ax_speed.set_ylabel("real (non-pad) tokens / s, all ranks")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -33,7 +33,7 @@ from clustertune.modeling import (
     resolve_dtype,
     supports_zero3_init,
 )
-from clustertune.sampler import derive_grad_accum_steps
+from clustertune.sampler import check_batch_arithmetic
 
 GIB = 2**30
 # Headroom rule: model states may use at most 60% of a GPU; the other 40% is for activations,
@@ -377,12 +377,12 @@ def launch_command(plan: Plan, config_args: Sequence[str]) -> str | None:
 
 def _batch_line(cfg: FinetuneConfig, world_size: int) -> str:
     micro = cfg.train.micro_batch_size
-    if not isinstance(micro, int):  # "auto": found on the GPU at start-up
-        return f"batch: global {cfg.train.global_batch_size}, micro_batch_size {micro} (chosen at start-up)"
     try:
-        accum = derive_grad_accum_steps(cfg.train.global_batch_size, micro, world_size)
+        accum = check_batch_arithmetic(cfg.train.global_batch_size, micro, world_size)
     except UserError as error:
         return f"warning: the training run would stop: {error}"
+    if accum is None:  # "auto": found on the GPU at start-up
+        return f"batch: global {cfg.train.global_batch_size}, micro_batch_size {micro} (chosen at start-up)"
     return (
         f"batch: global {cfg.train.global_batch_size} = micro {micro} x accum {accum} "
         f"x {_count(world_size, 'GPU')}"

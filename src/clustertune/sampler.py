@@ -49,6 +49,22 @@ def derive_grad_accum_steps(global_batch_size: int, micro_batch_size: int, world
     return global_batch_size // per_step
 
 
+def check_batch_arithmetic(
+    global_batch_size: int, micro_batch_size: int | str, world_size: int, world: str = "world_size"
+) -> int | None:
+    """The one batch rule, for training, SLURM preflight and the planner: grad_accum_steps for
+    a fixed micro_batch_size, None for `auto` (chosen at start-up; the global batch must
+    still split evenly over the ranks). `world` names the world size in the message."""
+    if micro_batch_size != "auto":
+        return derive_grad_accum_steps(global_batch_size, int(micro_batch_size), world_size)
+    if global_batch_size % world_size:
+        raise UserError(
+            f"train.global_batch_size={global_batch_size} is not divisible by "
+            f"{world}={world_size}; use a multiple of {world_size}."
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class GlobalBatchPlan:
     source_lengths: np.ndarray  # primary sort key

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import difflib
 import os
@@ -50,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from clustertune.config import config_from_dict, load_yaml_mapping
-from clustertune.errors import EXIT_OK, EXIT_REQUEUE, EXIT_USER_ERROR, UserError, exit_on_user_error
-from clustertune.launch import FORWARDED
+from clustertune.errors import UserError, exit_on_user_error
 from clustertune.slurm_env import NodeLaunch, accelerate_launch_argv, launch_args_from_env
+from clustertune.stop import EXIT_OK, EXIT_REQUEUE, EXIT_USER_ERROR, STOP_SIGNALS, launcher_preexec
 
 EVALUATE_RECIPE = "recipes/evaluate.py"
 # sbatch's --signal fires this long before the time limit at the latest; a smaller delay
@@ -192,15 +191,6 @@ def world_size(settings: SlurmSettings) -> int:
 # --------------------------------------------------------------------------- the job itself
 
 
-def _launcher_preexec() -> None:
-    """In the child before exec: torchrun, started by clustertune-launch, inherits USR1/USR2
-    ignored and so survives SLURM's step-wide warning signal (it would die of it); the
-    launcher and the workers install their own handlers. Die with the task, too."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _log(message: str) -> None:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
@@ -300,9 +290,9 @@ class LaunchJob:
 
         # Replaces submitit's handlers (see the module docstring): all nodes must forward,
         # and the requeue waits until the checkpoint is complete.
-        for sig in FORWARDED:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, forward)
-        child = subprocess.Popen(command, cwd=self.workdir, preexec_fn=_launcher_preexec)
+        child = subprocess.Popen(command, cwd=self.workdir, preexec_fn=launcher_preexec)
         return child.wait(), received
 
     def _after_stop(self, machine_rank: int, restarts: int, received: list[int]) -> None:
@@ -495,19 +485,16 @@ def preflight(
     output_dir = None
     if Path(script).name == "finetune.py":
         from clustertune.config import FinetuneConfig, parse_config
-        from clustertune.sampler import derive_grad_accum_steps
+        from clustertune.sampler import check_batch_arithmetic
 
         with _working_directory(workdir):  # the recipe's relative paths, as the job sees them
             cfg = parse_config(FinetuneConfig, list(recipe_argv[1:]))
-        train = cfg.train
-        if train.micro_batch_size == "auto":
-            if train.global_batch_size % world:
-                raise UserError(
-                    f"train.global_batch_size={train.global_batch_size} is not divisible by the "
-                    f"world size {world} (nodes x processes_per_node); use a multiple of {world}."
-                )
-        else:
-            derive_grad_accum_steps(train.global_batch_size, int(train.micro_batch_size), world)
+        check_batch_arithmetic(
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            world,
+            world="the world size (nodes x processes_per_node)",
+        )
         job_env = {**os.environ, **settings.env}
         _check_model_and_data(cfg, workdir, job_env)
         output_dir = (workdir / cfg.output_dir).resolve()

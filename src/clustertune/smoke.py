@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import random
 import shutil
@@ -26,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from clustertune.atomicio import read_jsonl, write_jsonl_atomic
 
 if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no torch import)
     from tokenizers import Tokenizer
@@ -486,28 +487,6 @@ def generate_dialogsum_like(
     return rows
 
 
-def write_jsonl(rows: Iterable[dict], path: Path) -> None:
-    """Write one JSON object per line, atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would keep a shared cache private to one user.
-    temp_name = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp_name, "w", encoding="utf-8") as file:
-            for row in rows:
-                file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
-
-
 def ensure_smoke_data(root: Path) -> dict[str, Path]:
     """Write `train/validation/test.jsonl` under `root` unless present; return their paths."""
     root = Path(root)
@@ -518,7 +497,7 @@ def ensure_smoke_data(root: Path) -> dict[str, Path]:
             rows = generate_dialogsum_like(
                 num_examples, seed, id_prefix=split, with_references=split == "test"
             )
-            write_jsonl(rows, path)
+            write_jsonl_atomic(path, rows)
         paths[split] = path
     return paths
 

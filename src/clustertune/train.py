@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from clustertune import data as data_lib
+from clustertune.atomicio import write_json_atomic
 from clustertune.autobatch import (
     Prober,
     SearchResult,
@@ -37,7 +38,7 @@ from clustertune.autobatch import (
     device_description,
     to_json,
 )
-from clustertune.checkpoint import TRAINER_STATE, Checkpointer, latest_checkpoint, write_json_atomic
+from clustertune.checkpoint import TRAINER_STATE, Checkpointer, latest_checkpoint
 from clustertune.config import FinetuneConfig, config_to_yaml, write_resolved_config
 from clustertune.distributed import (
     DDPStepper,
@@ -66,10 +67,11 @@ from clustertune.modeling import (
 from clustertune.sampler import (
     BATCH_PLAN_VERSION,
     GlobalBatchPlan,
+    check_batch_arithmetic,
     derive_grad_accum_steps,
     eval_micro_batches,
 )
-from clustertune.signals import StopFlag, StopForRequeue, write_status
+from clustertune.stop import StopFlag, StopForRequeue
 
 FINAL_MARKER = "clustertune_final.json"
 
@@ -281,15 +283,9 @@ class Trainer:
             raise UserError(
                 f"train.micro_batch_size={cfg.train.micro_batch_size!r} must be a number or auto."
             )
-        if cfg.train.micro_batch_size != "auto":
-            derive_grad_accum_steps(
-                cfg.train.global_batch_size, cfg.train.micro_batch_size, self.world_size
-            )
-        elif cfg.train.global_batch_size % self.world_size:
-            raise UserError(
-                f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-                f"world_size={self.world_size}; use a multiple of {self.world_size}."
-            )
+        check_batch_arithmetic(
+            cfg.train.global_batch_size, cfg.train.micro_batch_size, self.world_size
+        )
         if cfg.train.lr_schedule not in ("linear", "cosine", "constant"):
             raise UserError(
                 f"train.lr_schedule={cfg.train.lr_schedule!r} is not one of linear, cosine, constant."
@@ -710,7 +706,6 @@ class Trainer:
             if stop_requested:
                 if progress is not None:
                     progress.close()
-                write_status("requeue")
                 raise StopForRequeue(step, self.stop_flag.received)
         if progress is not None:
             progress.close()

@@ -178,7 +178,7 @@ def make_variants(
     from transformers import DataCollatorForSeq2Seq
 
     from clustertune import data as data_lib
-    from clustertune.train import token_loss_sum
+    from clustertune.optim import token_loss_sum
 
     input_ids, labels = (
         list(train["input_ids"]),

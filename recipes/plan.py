@@ -10,7 +10,7 @@ exact `clustertune-launch` command. No GPU and no download needed. Exit codes: 0
 
 import sys
 
-from clustertune.plan import main
+from clustertune.plan_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

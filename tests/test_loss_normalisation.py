@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 
 from clustertune.data import Collator
-from clustertune.train import token_loss_sum
+from clustertune.optim import token_loss_sum
 
 
 def examples(n=8):

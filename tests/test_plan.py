@@ -213,7 +213,7 @@ def test_cli_prints_the_table_and_the_launch_command(tmp_path):
 
 
 def test_multi_node_command_names_the_machines(capsys):
-    from clustertune.plan import main
+    from clustertune.plan_cli import main
 
     assert (
         main(
@@ -261,7 +261,7 @@ def test_unknown_hub_id_asks_for_a_local_folder(monkeypatch):
 
 
 def test_bad_input_exits_2_with_one_line(capsys):
-    from clustertune.plan import main
+    from clustertune.plan_cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(

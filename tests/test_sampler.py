@@ -82,5 +82,7 @@ def test_eval_batches_equal_count_per_rank_and_cover_once():
     lengths = RNG.integers(1, 100, size=23)
     per_rank = [eval_micro_batches(lengths, 4, 3, r) for r in range(3)]
     assert len({len(x) for x in per_rank}) == 1  # same number of forwards (ZeRO-3)
-    counted = np.concatenate([idx for mine in per_rank for idx, counts in mine if counts])
+    counted = np.concatenate(
+        [idx for mine in per_rank for idx, is_padding in mine if not is_padding]
+    )
     assert sorted(counted.tolist()) == list(range(23))

@@ -1,8 +1,8 @@
 """`train.micro_batch_size: auto` — the largest micro-batch that fits, agreed by all ranks.
 
-What the common tools get wrong (../shared/PITFALLS.md): the HF Trainer's
-auto_find_batch_size refuses DeepSpeed, and accelerate's find_executable_batch_size searches
-on each rank alone and shrinks by 0.9 per OOM. Here:
+What the common tools get wrong: the HF Trainer's auto_find_batch_size raises under
+DeepSpeed/FSDP (transformers PR #29058), and accelerate's find_executable_batch_size searches
+on each rank alone, with no agreement between ranks, and shrinks by 0.9 per OOM. Here:
 - every candidate is probed with the worst-case shapes the data pipeline can produce (the
   longest tokenised source and target, together in every row) through forward, backward AND
   an optimizer step (Adam allocates its states on the first step);

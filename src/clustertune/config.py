@@ -12,12 +12,14 @@ import difflib
 import io
 import json
 import os
+import string
 import sys
+import types
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import draccus
 import yaml
@@ -28,29 +30,82 @@ from clustertune.errors import UserError
 SEED_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
 
+def _literal_choices(hint: Any) -> tuple[tuple[Any, ...], bool] | None:
+    """(choices, a number is allowed too) for `Literal[...]` and `int | Literal[...]` hints."""
+    if get_origin(hint) is Literal:
+        return get_args(hint), False
+    if get_origin(hint) in (Union, types.UnionType):
+        literals = [arg for arg in get_args(hint) if get_origin(arg) is Literal]
+        if literals:
+            return tuple(c for lit in literals for c in get_args(lit)), int in get_args(hint)
+    return None
+
+
+def check_choice(key: str, value: Any, hint: Any) -> None:
+    """The one check of an enumerated key, for values from YAML, the command line and code."""
+    allowed = _literal_choices(hint)
+    if allowed is None:
+        return
+    choices, number_ok = allowed
+    if value in choices or (number_ok and isinstance(value, int) and not isinstance(value, bool)):
+        return
+    if number_ok and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return  # a number on the command line, decoded by draccus
+    names = ", ".join(str(choice) for choice in choices)
+    if number_ok:
+        raise UserError(f"{key}={value!r} must be a number or {names}.")
+    raise UserError(f"{key}={value!r} is not one of {names}.")
+
+
+class Validated:
+    """Base of every config section: `Literal` keys are checked when the section is built
+    (from YAML, the command line or code), then the section's own `validate()` runs.
+    `SECTION` is the dotted prefix used in messages ("train" -> "train.lr_schedule")."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        prefix = f"{self.SECTION}." if self.SECTION else ""
+        for name, hint in typing.get_type_hints(type(self)).items():
+            if name in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+                check_choice(prefix + name, getattr(self, name), hint)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks between this section's values; override where a section has any."""
+
+
+def template_fields(template: str) -> list[str]:
+    """The {placeholders} of a prompt template, e.g. "Dialogue: {dialogue}" -> [dialogue]."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Validated):
+    SECTION: ClassVar[str] = "model"
     # Hub id or local folder of a seq2seq (T5, FLAN-T5, BART) or decoder-only model.
     name_or_path: str = "google/flan-t5-base"
     # Overrides every dropout probability in the model config; 0 makes runs comparable step for step.
     dropout: float | None = None
-    # auto | bf16 | fp32 | fp16. auto: bf16 where the hardware supports it, fp32 otherwise.
-    dtype: str = "auto"
+    # auto: bf16 where the hardware supports it, fp32 otherwise; fp16 is refused for T5.
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     # Recompute activations in backward: ~30% slower, activation memory O(layers) -> O(1).
     gradient_checkpointing: bool = False
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Validated):
+    SECTION: ClassVar[str] = "data"
+
     # Local jsonl/json/csv/parquet file, or a hub dataset id (then train_split is used).
     train_file: str | None = None
     # Local file or hub dataset id for the periodic eval loss; empty disables eval.
     eval_file: str | None = None
     # Hub dataset id providing both splits (alternative to train_file/eval_file).
     dataset: str | None = None
-    # Split names used with a hub dataset.
+    # Split of data.dataset to train on.
     train_split: str = "train"
-    # Split names used with a hub dataset.
+    # Split of data.dataset for the periodic eval loss.
     eval_split: str = "validation"
     # Column holding the input text (the dialogue).
     source_column: str = "dialogue"
@@ -69,9 +124,18 @@ class DataConfig:
     # Processes for tokenisation with datasets.map (results are cached by datasets).
     num_proc: int = 1
 
+    def validate(self) -> None:
+        if self.source_column not in template_fields(self.prompt_template):
+            raise UserError(
+                f"data.prompt_template has no {{{self.source_column}}} placeholder for "
+                f"data.source_column='{self.source_column}'; add it to the template."
+            )
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
+    SECTION: ClassVar[str] = "train"
+
     # Optimizer steps; -1 means num_epochs passes over the training data.
     max_steps: int = -1
     # Epochs when max_steps is -1.
@@ -80,15 +144,15 @@ class TrainConfig:
     global_batch_size: int = 32
     # Examples per forward pass on one rank, or auto: the largest that fits (all ranks agree,
     # worst-case lengths, forward+backward+optimizer step). grad_accum_steps is derived from it.
-    micro_batch_size: int | str = 8
+    micro_batch_size: int | Literal["auto"] = 8
     # auto: use at most (1 - margin) x the largest micro-batch that fitted.
     auto_batch_margin: float = 0.1
     # Peak learning rate (seed: 1e-5 full fine-tune, 1e-3 LoRA).
     learning_rate: float = 1e-5
     # Linear warmup from 0 to learning_rate.
     warmup_steps: int = 0
-    # linear | cosine | constant decay after warmup.
-    lr_schedule: str = "linear"
+    # Decay after warmup, to 0 at the last step (constant: none).
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     # AdamW weight decay (not applied to biases and norms).
     weight_decay: float = 0.0
     # Clip the global gradient norm to this (0 disables).
@@ -99,18 +163,24 @@ class TrainConfig:
     log_every_steps: int = 10
     # Extra trackers for accelerate, e.g. [tensorboard]; metrics.jsonl is always written.
     report_to: list[str] = field(default_factory=list)
-    # Adam betas and epsilon.
+    # Adam's first-moment decay.
     adam_beta1: float = 0.9
-    # Adam betas and epsilon.
+    # Adam's second-moment decay.
     adam_beta2: float = 0.999
-    # Adam betas and epsilon.
+    # Added to Adam's denominator for numerical stability.
     adam_epsilon: float = 1e-8
+
+    def validate(self) -> None:
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise UserError("set train.max_steps or train.num_epochs to a positive number.")
 
 
 @dataclass
-class PeftConfig:
-    # none (full fine-tune) | lora.
-    method: str = "none"
+class PeftConfig(Validated):
+    SECTION: ClassVar[str] = "peft"
+
+    # none: full fine-tune; lora: train low-rank adapters only.
+    method: Literal["none", "lora"] = "none"
     # LoRA rank: higher adds capacity and memory (seed: 32).
     r: int = 32
     # LoRA scale numerator; the update is scaled by alpha / r.
@@ -124,7 +194,9 @@ class PeftConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Validated):
+    SECTION: ClassVar[str] = "checkpoint"
+
     # Save a resumable checkpoint every N optimizer steps (0: only when stopped by a signal).
     every_steps: int = 0
     # Complete checkpoints kept; older ones are pruned after a new one is complete.
@@ -132,7 +204,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Validated):
     # Everything the run writes: config.yaml, metrics.jsonl, checkpoints/, final/.
     output_dir: str = "outputs/run"
     # Seeds model init (LoRA), data order and dropout.
@@ -256,10 +328,12 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
     config_path, overrides = _split_config_arg(argv)
     paths = dict(_field_paths(cls))
     valid_leaves = [k for k, is_section in paths.items() if not is_section]
+    file_values: dict[str, Any] = {}
     if config_path is not None:
-        for key, _ in _flatten(load_yaml_mapping(config_path)):
+        for key, value in _flatten(load_yaml_mapping(config_path)):
             if key not in paths:
                 raise _unknown_key_error(key, valid_leaves, f"config file '{config_path}'")
+            file_values[key] = value
     for arg in overrides:
         if arg in ("-h", "--help"):
             continue
@@ -268,10 +342,15 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
         key = arg[2:].split("=", 1)[0]
         if key not in paths:
             raise _unknown_key_error(key, valid_leaves, "the command line")
+    _check_choices(cls, file_values)
+    _check_choices(cls, _override_values(overrides))
     overrides = _quote_string_values(cls, overrides)
     try:
         return draccus.parse(cls, config_path=config_path, args=overrides)
     except draccus.utils.DecodingError as error:  # e.g. a string where a number belongs
+        cause = _user_error_cause(error)  # a section's validate() raised it inside draccus
+        if cause is not None:
+            raise cause from None
         raise UserError(f"invalid config value: {error}") from None
     except yaml.YAMLError as error:  # draccus reads values as YAML: "a: b" needs quoting
         raise UserError(
@@ -284,6 +363,50 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
         raise UserError(
             "invalid command-line arguments (see the message above and --help)."
         ) from None
+
+
+def _leaf_hints(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> type hint of every leaf field of a nested dataclass."""
+    hints, found = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(_leaf_hints(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            found[f"{prefix}{f.name}"] = hints[f.name]
+    return found
+
+
+def _override_values(overrides: Sequence[str]) -> dict[str, Any]:
+    """{key: value} of `--key=value` and `--key value` arguments (values as typed)."""
+    values, items = {}, list(overrides)
+    while items:
+        arg = items.pop(0)
+        if not arg.startswith("--") or arg in ("-h", "--help"):
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value and items and not items[0].startswith("--"):
+            value, has_value = items.pop(0), True
+        if has_value:
+            values[key] = value.strip("'\"")
+    return values
+
+
+def _check_choices(cls: type, values: dict[str, Any]) -> None:
+    """Enumerated keys get our one-line message, before draccus (whose argparse error for a
+    bad choice is a usage block) sees them."""
+    hints = _leaf_hints(cls)
+    for key, value in values.items():
+        if key in hints:
+            check_choice(key, value, hints[key])
+
+
+def _user_error_cause(error: BaseException) -> UserError | None:
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, UserError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def config_to_yaml(cfg: Any) -> str:
@@ -299,3 +422,18 @@ def write_resolved_config(cfg: Any, path: Path, header: str = "") -> None:
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return draccus.decode(cls, data)
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """{"train.learning_rate": 1e-05, ...}: the resolved config for experiment trackers."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(yaml.safe_load(config_to_yaml(cfg)), "")
+    return flat

@@ -11,7 +11,6 @@ padding that way).
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,11 @@ from typing import Any
 import datasets
 import torch
 
+from clustertune.config import template_fields  # noqa: F401  (TODO: import from config)
 from clustertune.errors import UserError
 
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def _check_jsonl(path: Path) -> None:
@@ -191,12 +187,9 @@ class Collator:
 
     pad_token_id: int
     decoder_start_token_id: int | None = None  # set for seq2seq models
-    pad_to_multiple_of: int | None = None
 
     def _pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
         width = max(len(r) for r in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(rows), width), value, dtype=torch.long)
         for i, row in enumerate(rows):
             out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
@@ -219,9 +212,9 @@ class Collator:
 
 def batch_token_stats(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(real tokens, padded slots) over inputs and labels, for padding efficiency."""
-    real = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
-    slots = batch["input_ids"].numel() + batch["labels"].numel()
-    if "decoder_input_ids" not in batch:  # causal: labels share positions with inputs
-        real = int(batch["attention_mask"].sum())
-        slots = batch["input_ids"].numel()
+    real, slots = int(batch["attention_mask"].sum()), batch["input_ids"].numel()
+    if "decoder_input_ids" in batch:  # seq2seq: the decoder side pads too (causal: labels
+        # share their positions with the inputs)
+        real += int((batch["labels"] != IGNORE_INDEX).sum())
+        slots += batch["labels"].numel()
     return real, slots

@@ -203,7 +203,7 @@ def build_accelerator(
 ) -> Any:
     """Create the Accelerator for this launch, correct on GPU and on CPU-only machines.
 
-    CPU-only workarounds (../shared/PITFALLS.md):
+    CPU-only workarounds (both seen with accelerate 1.15):
     - DeepSpeed: accelerate 1.15 reports num_processes == 1 under a 2-process launch unless a
       gloo PartialState exists first; DeepSpeed's batch assertion then fails.
     - DDP launch files (distributed_type MULTI_GPU): without cpu=True accelerate sets

@@ -1,0 +1,145 @@
+"""What `train.micro_batch_size: auto` probes with: the worst-case batch the data can produce,
+and a fresh model + optimizer (+ DeepSpeed engine for that micro-batch) per candidate.
+
+The search itself (doubling, bisection, all ranks agreeing, the cache) is autobatch.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from clustertune.autobatch import (
+    Prober,
+    SearchResult,
+    cache_key,
+    cached_search,
+    choose_micro_batch,
+    device_description,
+)
+from clustertune.config import FinetuneConfig
+from clustertune.data import IGNORE_INDEX, Collator
+from clustertune.distributed import all_ranks_agree, fill_hidden_size_autos
+from clustertune.modeling import build_model
+from clustertune.optim import build_optimizer, token_loss_sum
+from clustertune.runtime import Runtime
+
+
+def worst_case_batch(
+    worst: dict[str, int], tokenizer: Any, collator: Collator, kind: str, device: Any
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """m copies of the longest source with the longest target: the largest batch the
+    pipeline can ever produce for micro-batch m."""
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randint(3, vocab, (worst["source_tokens"],), generator=generator).tolist()
+    target = torch.randint(3, vocab, (worst["target_tokens"],), generator=generator).tolist()
+    source[-1] = target[-1] = eos
+    if kind == "causal":
+        example = {"input_ids": source + target, "labels": [IGNORE_INDEX] * len(source) + target}
+    else:
+        example = {"input_ids": source, "labels": target}
+
+    def make(micro_batch_size: int) -> dict[str, torch.Tensor]:
+        batch = collator([example] * micro_batch_size)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    return make
+
+
+def training_probe(
+    cfg: FinetuneConfig, runtime: Runtime
+) -> Callable[[int], tuple[Callable, Callable, Callable]]:
+    """build(m) -> (forward_backward, optimizer_step, cleanup) on a freshly built model."""
+    kind = runtime.kind
+
+    def build(micro_batch_size: int) -> tuple[Callable, Callable, Callable]:
+        model = build_model(cfg.model, cfg.peft, runtime.model_config)
+        optimizer = build_optimizer(model, cfg.train, runtime.deepspeed_template)
+        if runtime.is_deepspeed:
+            import deepspeed
+
+            ds_config = runtime.deepspeed_config(
+                micro_batch_size=micro_batch_size,
+                grad_accum_steps=1,
+                max_grad_norm=cfg.train.max_grad_norm,
+            )
+            ds_config = fill_hidden_size_autos(ds_config, runtime.model_config)
+            ds_config["zero_allow_untested_optimizer"] = True
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+            def forward_backward(batch: dict[str, torch.Tensor]) -> None:
+                engine.backward(token_loss_sum(engine, batch, kind) / batch["labels"].numel())
+
+            return forward_backward, engine.step, engine.destroy
+        model.to(runtime.device)
+
+        def local_forward_backward(batch: dict[str, torch.Tensor]) -> None:
+            # No DDP wrapper here: the probe stays free of collectives, so a rank that runs out
+            # of memory cannot leave the others waiting inside an all-reduce.
+            (token_loss_sum(model, batch, kind) / batch["labels"].numel()).backward()
+
+        return local_forward_backward, optimizer.step, lambda: None
+
+    return build
+
+
+def find_micro_batch(
+    cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any, collator: Collator, train_data: Any
+) -> SearchResult:
+    """The largest micro-batch that fits (every rank agrees), then the margin and the global
+    batch applied: micro x accum x world stays train.global_batch_size."""
+    train_cfg, world_size = cfg.train, runtime.world_size
+    worst = {
+        "source_tokens": int(max(train_data["num_source_tokens"])),
+        "target_tokens": int(max(train_data["num_target_tokens"])),
+    }
+    key = cache_key(
+        device=device_description(),
+        model=cfg.model.name_or_path,
+        model_config=runtime.model_config.to_json_string(),
+        worst_case=worst,
+        dtype=runtime.dtype,
+        peft=dataclasses.asdict(cfg.peft),
+        deepspeed=runtime.deepspeed_template,
+        world_size=world_size,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        kind=runtime.kind,
+    )
+    make_batch = worst_case_batch(worst, tokenizer, collator, runtime.kind, runtime.device)
+    prober = Prober(
+        training_probe(cfg, runtime), make_batch, runtime.process_index, all_ranks_agree
+    )
+    # the upper bound: one rank's share of the global batch (accumulation 1)
+    largest, probes, seconds, was_cached = cached_search(
+        prober,
+        train_cfg.global_batch_size // world_size,
+        runtime.output_dir / "auto_batch.json",
+        key,
+        runtime.is_main,
+    )
+    chosen, note = choose_micro_batch(
+        largest, train_cfg.global_batch_size, world_size, train_cfg.auto_batch_margin
+    )
+    result = SearchResult(
+        largest_fitting=largest,
+        chosen=chosen,
+        grad_accum_steps=train_cfg.global_batch_size // (chosen * world_size),
+        probes=probes,
+        worst_case_shape=worst,
+        seconds=seconds,
+        cached=was_cached,
+        note=note,
+    )
+    how = "from cache" if was_cached else f"searched {len(probes)} sizes in {seconds:.1f} s"
+    runtime.log(
+        f"auto micro-batch: largest fitting {largest}, chosen {chosen} "
+        f"(margin {train_cfg.auto_batch_margin:.0%}), grad_accum_steps "
+        f"{result.grad_accum_steps} for global_batch_size {train_cfg.global_batch_size}; {how}"
+        + (f"; {note}" if note else "")
+    )
+    return result

@@ -1,0 +1,269 @@
+"""The smoke tokenizer and tiny models, and the cache that builds every smoke asset once.
+
+`build_tokenizer` trains a T5-style BPE tokenizer on the generated data; `build_tiny_t5` and
+`build_tiny_causal_lm` save a tiny T5 encoder-decoder and a tiny Llama next to it.
+`ensure_smoke_assets` builds the data splits and both models under a cache folder: each folder
+is built aside, stamped with `SMOKE_VERSION` and renamed into place under a file lock, so
+concurrent callers never see half-written or stale assets. torch, tokenizers and transformers
+are imported inside the builders, so the cached path stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import string
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clustertune.atomicio import read_jsonl
+from clustertune.smoke.dialogues import ensure_smoke_data
+from clustertune.smoke.scenarios import SPLITS
+
+if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no torch import)
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+# Bump when the generator, tokenizer or model shapes change: cached folders with another
+# stamp are rebuilt instead of silently serving stale assets.
+SMOKE_VERSION = "1"
+_STAMP_FILE = ".smoke_version"
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as T5 expects
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+    """A T5-style BPE tokenizer trained on `texts`: `<pad>`=0, `</s>`=1, `<unk>`=2, and `</s>`
+    appended to every encoded sequence.
+
+    Pre-tokenization is SentencePiece-like (spaces become `▁`, kept inside tokens) with
+    newlines split off as their own token, so decoding restores the text exactly and a
+    frequent word such as `#Person1#:` becomes a single token. The result depends only on
+    `texts`: the same texts give the same ids in every build.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            # "first": no `▁` after a newline, so "a\nb" decodes back to "a\nb", not "a \n b".
+            pre_tokenizers.Metaspace(prepend_scheme="first"),
+        ]
+    )
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, UNK],
+        # Every printable ASCII character, so unseen words split into characters, not <unk>.
+        initial_alphabet=sorted(set(string.printable) - set(string.whitespace) | {"▁", "\n"}),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}",
+        pair=f"$A {EOS} $B {EOS}",
+        special_tokens=[(EOS, backend.token_to_id(EOS))],
+    )
+    return _wrap(backend)
+
+
+def _wrap(backend: Tokenizer, padding_side: str = "right") -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side=padding_side,
+        model_max_length=512,  # the longest smoke dialogue is ~330 tokens
+        clean_up_tokenization_spaces=False,  # decoding is already exact
+    )
+
+
+def _causal_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, padding_side: str
+) -> PreTrainedTokenizerFast:
+    """The same vocabulary without the automatic `</s>`, as Llama/GPT-2 tokenizers behave.
+
+    A decoder-only example is prompt + target in one sequence, so the collator appends
+    `tokenizer.eos_token_id` to the target itself; an automatic `</s>` after the prompt would
+    teach the model to stop before answering.
+    """
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A $B", special_tokens=[]
+    )
+    return _wrap(backend, padding_side)
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+
+
+def build_tiny_t5(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0) -> Path:
+    """Save a 2+2-layer, 64-dim T5 v1.1-style model (gated-GELU, untied head) and the tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_ff=128,
+        d_kv=16,  # 4 heads * 16 = d_model
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",  # T5 v1.1 / FLAN-T5
+        tie_word_embeddings=False,  # T5 v1.1 / FLAN-T5
+        dropout_rate=0.1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    # transformers 5 forces `config.tie_word_embeddings=True` for T5 and reads our False as
+    # "v1.1: do not scale decoder outputs"; the head is then tied to `shared` at init. Give it
+    # its own weights, as FLAN-T5 checkpoints have, so both tensors are saved and loading keeps
+    # them apart (explicit `tie_weights()`/`resize_token_embeddings()` would re-tie them, as
+    # they would FLAN-T5's). std d_model**-0.5 puts initial logits at unit scale: loss ~ ln(V).
+    if model.lm_head.weight is model.shared.weight:
+        lm_head = torch.empty_like(model.shared.weight).normal_(std=config.d_model**-0.5)
+        model.lm_head.weight = torch.nn.Parameter(lm_head)
+    path = Path(path)
+    model.save_pretrained(path)  # safetensors
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0, padding_side: str = "right"
+) -> Path:
+    """Save a 2-layer, 64-dim Llama and a copy of the tokenizer that does not append `</s>`.
+
+    `padding_side="right"` suits training; batched generation wants "left", which a recipe
+    can set on the loaded tokenizer.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,  # prompt (~330 tokens max) + summary (~35) fits easily
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,  # the smoke tokenizer has no BOS
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    path = Path(path)
+    model.save_pretrained(path)
+    _causal_tokenizer(tokenizer, padding_side).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CLUSTERTUNE_CACHE") or Path.home() / ".cache" / "clustertune")
+
+
+def _is_current(folder: Path) -> bool:
+    stamp = folder / _STAMP_FILE
+    return stamp.is_file() and stamp.read_text().strip() == SMOKE_VERSION
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Serialise builders across processes (ranks, parallel test workers) on one cache."""
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _publish(build_dir: Path, final: Path) -> None:
+    """Stamp a finished build and rename it into place, replacing a stale folder if any."""
+    (build_dir / _STAMP_FILE).write_text(SMOKE_VERSION + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in build_dir.iterdir():  # save_pretrained writes 0600 weights; a cache may be shared
+        file.chmod(0o666 & ~umask)
+    if final.exists():
+        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
+        os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.rename(build_dir, final)
+
+
+def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
+    """Build (once) and return the smoke data splits and the two tiny models.
+
+    Layout under `cache_dir` (default `$CLUSTERTUNE_CACHE` or `~/.cache/clustertune`):
+    `smoke/data/{train,validation,test}.jsonl`, `smoke/tiny-t5/`, `smoke/tiny-causal/`.
+    Each folder is built in a temporary folder and renamed into place under a file lock, so
+    concurrent callers never see half-written assets. Returns at once when present; building
+    takes ~2 s plus importing torch and transformers.
+    """
+    root = Path(cache_dir or default_cache_dir()) / "smoke"
+    folders = {
+        "data": root / "data",
+        "tiny_t5": root / "tiny-t5",
+        "tiny_causal": root / "tiny-causal",
+    }
+    paths = {split: folders["data"] / f"{split}.jsonl" for split in SPLITS}
+    paths |= {"tiny_t5": folders["tiny_t5"], "tiny_causal": folders["tiny_causal"]}
+    if all(_is_current(folder) for folder in folders.values()):
+        return paths
+
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / ".lock"):
+        tokenizer = None
+        for key, folder in folders.items():  # data first: the tokenizer is trained on it
+            if _is_current(folder):
+                continue  # present, or another process built it while we waited for the lock
+            build_dir = root / f".build-{folder.name}-{os.getpid()}"  # not mkdtemp: mode 0700
+            shutil.rmtree(build_dir, ignore_errors=True)  # left by a crashed run with our pid
+            build_dir.mkdir()
+            try:
+                if key == "data":
+                    ensure_smoke_data(build_dir)
+                else:
+                    if tokenizer is None:
+                        tokenizer = _smoke_tokenizer(paths["train"])
+                    build_model = build_tiny_t5 if key == "tiny_t5" else build_tiny_causal_lm
+                    build_model(tokenizer, build_dir)
+                _publish(build_dir, folder)
+            finally:
+                shutil.rmtree(build_dir, ignore_errors=True)
+    return paths
+
+
+def _smoke_tokenizer(train_path: Path) -> PreTrainedTokenizerFast:
+    """The smoke tokenizer, trained on the train split's dialogues and summaries."""
+    rows = read_jsonl(train_path)
+    return build_tokenizer(text for row in rows for text in (row["dialogue"], row["summary"]))

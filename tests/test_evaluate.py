@@ -16,7 +16,6 @@ from clustertune.errors import UserError
 from clustertune.evaluation import (
     EvalDataConfig,
     EvaluateConfig,
-    _load_merged_adapter,
     assign_ids,
     compare_runs,
     count_generated,
@@ -25,9 +24,10 @@ from clustertune.evaluation import (
     make_batches,
     merge_predictions,
     pad_prompts,
-    rank_batches,
     resolve_config,
 )
+from clustertune.evaluation.evaluator import _load_merged_adapter
+from clustertune.sampler import deal_to_ranks as rank_batches
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
 
@@ -451,3 +451,31 @@ def test_compare_writes_table_markdown_and_chart(tmp_path):
         compare_runs([str(tmp_path)], None, tmp_path / "cmp3")
     with pytest.raises(UserError, match="--labels has 1 names for 2 folders"):
         compare_runs([str(tmp_path / "base"), str(tmp_path / "lora")], ["x"], tmp_path / "cmp4")
+
+
+def test_compare_recipe_and_evaluate_compare_are_one_command(tmp_path):
+    for name, scale in (("base", 0.5), ("lora", 1.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rouge.json").write_text(json.dumps(fake_report(scale)))
+    folders, labels = [str(tmp_path / "base"), str(tmp_path / "lora")], ["--labels", "base,lora"]
+    outputs = []
+    for script, args in (
+        ("recipes/compare.py", folders),
+        ("recipes/evaluate.py", ["--compare", *folders]),
+    ):
+        out = tmp_path / f"cmp-{Path(script).stem}"
+        result = run(launch_command(script, [*args, *labels, "--out", str(out)]))
+        assert result.returncode == 0, describe(result)
+        assert (out / "comparison.md").is_file() and (out / "comparison.png").is_file()
+        outputs.append(result.stdout.replace(str(out), "OUT"))
+    assert outputs[0] == outputs[1] and "| rouge1" in outputs[0]
+    missing = run(launch_command("recipes/compare.py", [str(tmp_path / "nowhere")]))
+    assert missing.returncode == 2 and "has no rouge.json" in missing.stderr, describe(missing)
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        config("--help")
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--num_bootstrap" in text and "--model.dtype {auto,bf16,fp32,fp16}" in text

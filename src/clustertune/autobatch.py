@@ -41,14 +41,36 @@ OOM_TEST_ENV = "CLUSTERTUNE_TEST_OOM_ABOVE"  # test-only: "4,2" = rank 0 fits <=
 
 @dataclass
 class SearchResult:
-    largest_fitting: int
-    chosen: int
-    grad_accum_steps: int
-    probes: list[dict[str, Any]] = field(default_factory=list)
+    largest_fitting: int  # the largest size that fitted on every rank
+    chosen: int  # after the margin (and, for training, the global batch) is applied
+    grad_accum_steps: int  # global_batch_size / (chosen x world_size); 1 for generation
+    probes: list[dict[str, Any]] = field(default_factory=list)  # one record per size tried
     worst_case_shape: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    cached: bool = False
-    note: str = ""
+    cached: bool = False  # read from <output_dir>/auto_batch.json, no probe was run
+    note: str = ""  # why `chosen` is below what the margin allows, if it is
+
+    def log_line(self, what: str, margin: float, detail: str = "") -> str:
+        """e.g. "auto micro-batch: largest fitting 16, chosen 8 (margin 10%), ...; from cache"."""
+        how = (
+            "from cache"
+            if self.cached
+            else f"searched {len(self.probes)} sizes in {self.seconds:.1f} s"
+        )
+        return (
+            f"auto {what}: largest fitting {self.largest_fitting}, chosen {self.chosen} "
+            f"(margin {margin:.0%}){detail}; {how}" + (f"; {self.note}" if self.note else "")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# What a probe runs for one candidate size: (run the step on a batch, optimizer step, cleanup).
+# Generation passes its generate call as the first and no-ops for the other two.
+ProbeSteps = tuple[Callable[[dict[str, torch.Tensor]], Any], Callable[[], Any], Callable[[], Any]]
+# The choice made from the largest fitting size: (chosen, grad_accum_steps, note).
+Choice = tuple[int, int, str]
 
 
 def search_largest(fits: Callable[[int], bool], limit: int) -> tuple[int, list[int]]:
@@ -157,14 +179,13 @@ def _free() -> None:
 class Prober:
     """Runs one probe per candidate micro-batch size, on every rank in lock step.
 
-    `build(m)` returns (step_forward_backward, step_optimizer, cleanup) for a freshly built
-    model/optimizer/engine configured for micro-batch m. Generation (the evaluation recipe)
-    passes its generate call as the first and no-ops for the other two.
+    `build(m)` returns the ProbeSteps (step on a batch, optimizer step, cleanup) for a freshly
+    built model/optimizer/engine configured for micro-batch m.
     """
 
     def __init__(
         self,
-        build: Callable[[int], tuple[Callable[[], None], Callable[[], None], Callable[[], None]]],
+        build: Callable[[int], ProbeSteps],
         make_batch: Callable[[int], dict[str, torch.Tensor]],
         rank: int,
         agree: Callable[[bool], bool],
@@ -224,29 +245,47 @@ class Prober:
 
 
 def cached_search(
-    prober: Prober, limit: int, cache_file: Path, key: str, is_main: bool
-) -> tuple[int, list[dict[str, Any]], float, bool]:
-    """(largest fitting, probes, seconds, cached): from cache_file[key] when every rank has it
-    (a restarted or requeued job), else searched with `prober` up to `limit` and cached."""
+    prober: Prober,
+    limit: int,
+    cache_file: Path,
+    key: str,
+    is_main: bool,
+    *,
+    choose: Callable[[int], Choice],
+    worst_case_shape: dict[str, int],
+) -> SearchResult:
+    """The largest fitting size from cache_file[key] when every rank has it (a restarted or
+    requeued job), else searched with `prober` up to `limit` and cached; then `choose`
+    turns it into the size to use (margin, global batch), or raises when nothing fits."""
     cached = read_cache(cache_file, key)
     if prober.agree(cached is not None):
-        return cached["largest_fitting"], cached["probes"], cached["seconds"], True
-    start = time.perf_counter()
-    largest, _ = search_largest(prober.fits, limit)
-    seconds = round(time.perf_counter() - start, 3)
-    if is_main:
-        write_cache(
-            cache_file,
-            key,
-            {"largest_fitting": largest, "probes": prober.trace, "seconds": seconds},
+        largest, probes, seconds, was_cached = (
+            cached["largest_fitting"],
+            cached["probes"],
+            cached["seconds"],
+            True,
         )
-    return largest, prober.trace, seconds, False
+    else:
+        start = time.perf_counter()
+        largest, _ = search_largest(prober.fits, limit)
+        probes, seconds, was_cached = prober.trace, round(time.perf_counter() - start, 3), False
+        if is_main:
+            write_cache(
+                cache_file, key, {"largest_fitting": largest, "probes": probes, "seconds": seconds}
+            )
+    chosen, grad_accum_steps, note = choose(largest)
+    return SearchResult(
+        largest_fitting=largest,
+        chosen=chosen,
+        grad_accum_steps=grad_accum_steps,
+        probes=probes,
+        worst_case_shape=worst_case_shape,
+        seconds=seconds,
+        cached=was_cached,
+        note=note,
+    )
 
 
 def margin_applied(largest: int, margin: float) -> int:
     """(1 - margin) x largest, never below 1: e.g. largest 10, margin 0.1 -> 9."""
     return max(1, int(largest * (1.0 - margin)))
-
-
-def to_json(result: SearchResult) -> dict[str, Any]:
-    return asdict(result)

@@ -29,6 +29,13 @@ from clustertune.errors import UserError
 
 SEED_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
+# Enumerated keys. Aliases, not `Literal[...]` written in the field: draccus reads a field's
+# help from the comment above it and loses it on an annotation with brackets and quotes.
+Precision = Literal["auto", "bf16", "fp32", "fp16"]
+LrSchedule = Literal["linear", "cosine", "constant"]
+PeftMethod = Literal["none", "lora"]
+Auto = Literal["auto"]  # with int: a number, or found at start-up
+
 
 def _literal_choices(hint: Any) -> tuple[tuple[Any, ...], bool] | None:
     """(choices, a number is allowed too) for `Literal[...]` and `int | Literal[...]` hints."""
@@ -88,7 +95,7 @@ class ModelConfig(Validated):
     # Overrides every dropout probability in the model config; 0 makes runs comparable step for step.
     dropout: float | None = None
     # auto: bf16 where the hardware supports it, fp32 otherwise; fp16 is refused for T5.
-    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    dtype: Precision = "auto"
     # Recompute activations in backward: ~30% slower, activation memory O(layers) -> O(1).
     gradient_checkpointing: bool = False
 
@@ -144,7 +151,7 @@ class TrainConfig(Validated):
     global_batch_size: int = 32
     # Examples per forward pass on one rank, or auto: the largest that fits (all ranks agree,
     # worst-case lengths, forward+backward+optimizer step). grad_accum_steps is derived from it.
-    micro_batch_size: int | Literal["auto"] = 8
+    micro_batch_size: int | Auto = 8
     # auto: use at most (1 - margin) x the largest micro-batch that fitted.
     auto_batch_margin: float = 0.1
     # Peak learning rate (seed: 1e-5 full fine-tune, 1e-3 LoRA).
@@ -152,7 +159,7 @@ class TrainConfig(Validated):
     # Linear warmup from 0 to learning_rate.
     warmup_steps: int = 0
     # Decay after warmup, to 0 at the last step (constant: none).
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lr_schedule: LrSchedule = "linear"
     # AdamW weight decay (not applied to biases and norms).
     weight_decay: float = 0.0
     # Clip the global gradient norm to this (0 disables).
@@ -180,7 +187,7 @@ class PeftConfig(Validated):
     SECTION: ClassVar[str] = "peft"
 
     # none: full fine-tune; lora: train low-rank adapters only.
-    method: Literal["none", "lora"] = "none"
+    method: PeftMethod = "none"
     # LoRA rank: higher adds capacity and memory (seed: 32).
     r: int = 32
     # LoRA scale numerator; the update is scaled by alpha / r.

@@ -19,7 +19,6 @@ from typing import Any
 import datasets
 import torch
 
-from clustertune.config import template_fields  # noqa: F401  (TODO: import from config)
 from clustertune.errors import UserError
 
 IGNORE_INDEX = -100

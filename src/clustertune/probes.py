@@ -14,6 +14,7 @@ import torch
 
 from clustertune.autobatch import (
     Prober,
+    ProbeSteps,
     SearchResult,
     cache_key,
     cached_search,
@@ -51,13 +52,11 @@ def worst_case_batch(
     return make
 
 
-def training_probe(
-    cfg: FinetuneConfig, runtime: Runtime
-) -> Callable[[int], tuple[Callable, Callable, Callable]]:
+def training_probe(cfg: FinetuneConfig, runtime: Runtime) -> Callable[[int], ProbeSteps]:
     """build(m) -> (forward_backward, optimizer_step, cleanup) on a freshly built model."""
     kind = runtime.kind
 
-    def build(micro_batch_size: int) -> tuple[Callable, Callable, Callable]:
+    def build(micro_batch_size: int) -> ProbeSteps:
         model = build_model(cfg.model, cfg.peft, runtime.model_config)
         optimizer = build_optimizer(model, cfg.train, runtime.deepspeed_template)
         if runtime.is_deepspeed:
@@ -114,32 +113,29 @@ def find_micro_batch(
     prober = Prober(
         training_probe(cfg, runtime), make_batch, runtime.process_index, all_ranks_agree
     )
+    global_batch_size = train_cfg.global_batch_size
+
+    def choose(largest: int) -> tuple[int, int, str]:
+        chosen, note = choose_micro_batch(
+            largest, global_batch_size, world_size, train_cfg.auto_batch_margin
+        )
+        return chosen, global_batch_size // (chosen * world_size), note
+
     # the upper bound: one rank's share of the global batch (accumulation 1)
-    largest, probes, seconds, was_cached = cached_search(
+    result = cached_search(
         prober,
-        train_cfg.global_batch_size // world_size,
+        global_batch_size // world_size,
         runtime.output_dir / "auto_batch.json",
         key,
         runtime.is_main,
-    )
-    chosen, note = choose_micro_batch(
-        largest, train_cfg.global_batch_size, world_size, train_cfg.auto_batch_margin
-    )
-    result = SearchResult(
-        largest_fitting=largest,
-        chosen=chosen,
-        grad_accum_steps=train_cfg.global_batch_size // (chosen * world_size),
-        probes=probes,
+        choose=choose,
         worst_case_shape=worst,
-        seconds=seconds,
-        cached=was_cached,
-        note=note,
     )
-    how = "from cache" if was_cached else f"searched {len(probes)} sizes in {seconds:.1f} s"
     runtime.log(
-        f"auto micro-batch: largest fitting {largest}, chosen {chosen} "
-        f"(margin {train_cfg.auto_batch_margin:.0%}), grad_accum_steps "
-        f"{result.grad_accum_steps} for global_batch_size {train_cfg.global_batch_size}; {how}"
-        + (f"; {note}" if note else "")
+        result.log_line(
+            "micro-batch",
+            train_cfg.auto_batch_margin,
+            f", grad_accum_steps {result.grad_accum_steps} for global_batch_size {global_batch_size}",
+        )
     )
     return result

@@ -25,7 +25,7 @@ import torch
 
 from clustertune import data as data_lib
 from clustertune.atomicio import write_json_atomic
-from clustertune.autobatch import SearchResult, to_json
+from clustertune.autobatch import SearchResult
 from clustertune.checkpoint import Checkpointer
 from clustertune.config import FinetuneConfig, flat_config, template_fields
 from clustertune.distributed import DDPStepper, DeepSpeedStepper, launched_world_size
@@ -41,9 +41,7 @@ from clustertune.run_identity import (
     fingerprint,
     resume_path,
 )
-
-# check_output_dir: the evaluation package imports it from here until it uses the runtime
-from clustertune.runtime import Runtime, check_output_dir, strategy_label  # noqa: F401
+from clustertune.runtime import Runtime, strategy_label
 from clustertune.sampler import (
     GlobalBatchPlan,
     check_batch_arithmetic,
@@ -179,7 +177,7 @@ class Trainer:
             self.metrics.truncate_after(-1)  # a fresh run: a fresh metrics file
         if self.auto_batch is not None:
             self.metrics.write(
-                {"step": self.start_step, "event": "auto_batch", **to_json(self.auto_batch)}
+                {"step": self.start_step, "event": "auto_batch", **self.auto_batch.to_json()}
             )
         if cfg.train.report_to:
             self.accelerator.init_trackers("clustertune", config=flat_config(cfg))

@@ -1,0 +1,337 @@
+"""The evaluation config: `EvaluateConfig` and its sections, their value checks, and resolution.
+
+- `EvalModelConfig`, `EvalDataConfig`, `GenerationSettings`, `EvaluateConfig`: the keys of
+  recipes/evaluate.py (`--help` lists them). Where an eval default is the training default
+  (seed, dtype, prompt template, source column, truncation, ...), it is read from
+  `clustertune.config`, so the two cannot drift apart.
+  Enumerated keys are `Literal`s, checked by `clustertune.config.Validated` when a section
+  is built (one line naming the key and its choices).
+- `resolve_config`: fills every unset key, before any model is loaded or process group made:
+  from `run_dir` (`_from_run_dir`: the run's final/ and its prompt settings), from the
+  adapter (`adapter_base`: the base it records), else the training defaults; then
+  `_check_values` checks the resolved values, one validator per section (`_check_data`,
+  `_check_generation`, and the top-level keys in `_check_values` itself).
+- `generate_kwargs`: the generation settings as `model.generate` keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from clustertune.config import (
+    SEED_PROMPT,
+    Auto,
+    FinetuneConfig,
+    Precision,
+    Validated,
+    parse_config,
+    template_fields,
+)
+from clustertune.errors import UserError
+from clustertune.run_identity import FINAL_MARKER
+
+# The training defaults that eval defaults repeat are read from here, not written again.
+_TRAINING = FinetuneConfig()
+
+
+@dataclass
+class EvalModelConfig(Validated):
+    SECTION: ClassVar[str] = "model"
+
+    # Base model, or a full fine-tune (a run's final/). With run_dir: taken from the run.
+    # Unset with model.adapter_path: the adapter's own base model.
+    name_or_path: str | None = None
+    # A LoRA adapter folder (adapter_config.json) applied to name_or_path and merged for speed.
+    adapter_path: str | None = None
+    # Allow a base whose name differs from the one the adapter records (e.g. a local copy of
+    # the same hub model); shapes are still checked when the adapter is loaded.
+    allow_base_mismatch: bool = False
+    # auto | bf16 | fp32 | fp16 (fp16 refused for T5). auto: bf16 where supported, else fp32.
+    dtype: Precision = _TRAINING.model.dtype
+
+
+@dataclass
+class EvalDataConfig(Validated):
+    SECTION: ClassVar[str] = "data"
+
+    # Local jsonl/json/csv/parquet file, or a hub dataset id (then split is used).
+    eval_file: str | None = None
+    # Hub dataset id (alternative to eval_file).
+    dataset: str | None = None
+    # Split of the hub dataset.
+    split: str = "test"
+    # Columns holding the reference summaries; every one is scored (best, mean, first).
+    reference_columns: list[str] = field(default_factory=lambda: [_TRAINING.data.target_column])
+    # Column with a unique example id; unset: `id`, else `fname`, else the row index.
+    id_column: str | None = None
+    # Unset: the training run's value with run_dir, else "dialogue".
+    source_column: str | None = None
+    # Unset: the training run's prompt with run_dir, else the seed tutorial's prompt.
+    prompt_template: str | None = None
+    # Prompt tokens kept. Unset: the training run's value with run_dir, else 512.
+    max_source_length: int | None = None
+    # Evaluate only the first N examples (None: all).
+    max_examples: int | None = None
+
+
+@dataclass
+class GenerationSettings(Validated):
+    SECTION: ClassVar[str] = "generation"
+
+    # Tokens generated per example at most (DialogSum summaries: ~25 median, rarely > 100).
+    max_new_tokens: int = 128
+    # Tokens generated per example at least (0: stop at the first EOS).
+    min_new_tokens: int = 0
+    # 1: greedy. Beam search costs num_beams x the compute and memory of greedy.
+    num_beams: int = 1
+    # Sampling makes predictions depend on the seed and on the world size; off for evaluation.
+    do_sample: bool = False
+    # Used only with do_sample.
+    temperature: float = 1.0
+    # Used only with do_sample.
+    top_p: float = 1.0
+    # Used only with do_sample.
+    top_k: int = 50
+    # Beam search only: > 1 favours longer outputs, < 1 shorter.
+    length_penalty: float = 1.0
+    # Beam search only: stop when num_beams finished candidates exist.
+    early_stopping: bool = False
+    # Forbid repeating any n-gram of this size (0: off).
+    no_repeat_ngram_size: int = 0
+    # > 1 penalises tokens already generated (1: off).
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class EvaluateConfig(Validated):
+    # Everything the evaluation writes: config.yaml, predictions.jsonl, rouge.json.
+    output_dir: str = "outputs/eval"
+    # A training output_dir: the model is its final/ (or its base + final/ as LoRA adapter),
+    # and data.source_column/prompt_template/max_source_length default to the run's.
+    run_dir: str | None = None
+    # Seeds sampling (if on) and the bootstrap of the confidence intervals.
+    seed: int = _TRAINING.seed
+    # Prompts per generate call on one rank; memory grows with batch x (prompt + new tokens).
+    # auto: the largest that fits generating max_new_tokens (x num_beams) for the longest
+    # prompt, agreed by all ranks, minus auto_batch_margin; cached in <output_dir>/auto_batch.json.
+    batch_size: int | Auto = 16
+    # batch_size auto: use at most (1 - margin) x the largest batch that fitted.
+    auto_batch_margin: float = _TRAINING.train.auto_batch_margin
+    # batch_size auto: search no further than this (and never beyond the number of examples).
+    auto_batch_max: int = 256
+    # Batch prompts of similar length (longest first): far less padding. false: dataset order.
+    sort_by_length: bool = True
+    # Bootstrap resamples for the 95 percent confidence intervals (1000: ~0.1 s per 1,000 examples).
+    num_bootstrap: int = 1000
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+# ------------------------------------------------------- resolving the model before compute
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Hub ids compare as strings; local folders by their resolved path."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def adapter_base(adapter_path: str) -> str:
+    """The base model an adapter was trained on, read from its adapter_config.json."""
+    folder = Path(adapter_path).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"model.adapter_path: '{adapter_path}' does not exist; give the adapter folder "
+            "(a LoRA run's final/, with adapter_config.json)."
+        )
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"model.adapter_path: '{adapter_path}' has no adapter_config.json, so it is not a "
+            "LoRA adapter; for a full fine-tune set model.name_or_path to it instead."
+        )
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as error:
+        raise UserError(f"model.adapter_path: {config_file} is not valid JSON ({error}).") from None
+    if not base:
+        raise UserError(
+            f"model.adapter_path: {config_file} names no base_model_name_or_path; set model.name_or_path."
+        )
+    return str(base)
+
+
+def _unset_or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
+    """Take the model and (where unset) the prompt settings from a finished training run."""
+    run = Path(cfg.run_dir).expanduser()
+    config_file, final = run / "config.yaml", run / "final"
+    if not run.is_dir():
+        raise UserError(
+            f"run_dir: '{cfg.run_dir}' does not exist; give a training output_dir (config.yaml, final/)."
+        )
+    if not config_file.is_file():
+        raise UserError(
+            f"run_dir: '{cfg.run_dir}' has no config.yaml, so it is not a clustertune training output_dir."
+        )
+    if not (final / FINAL_MARKER).is_file():
+        raise UserError(
+            f"run_dir: '{cfg.run_dir}' has no complete final/ ({FINAL_MARKER} missing): the training has "
+            "not finished; rerun its command to finish it, or evaluate another run."
+        )
+    train_cfg = parse_config(FinetuneConfig, ["--config", str(config_file)])
+    is_adapter = (final / "adapter_config.json").is_file()
+    model_name = train_cfg.model.name_or_path if is_adapter else str(final)
+    if cfg.model.adapter_path is not None and not (
+        is_adapter and _same_model(cfg.model.adapter_path, str(final))
+    ):
+        raise UserError(
+            f"model.adapter_path='{cfg.model.adapter_path}' and run_dir='{cfg.run_dir}' both name a model; "
+            "set only one of them."
+        )
+    model = replace(
+        cfg.model, name_or_path=model_name, adapter_path=str(final) if is_adapter else None
+    )
+    data_cfg, trained = cfg.data, train_cfg.data
+    data = replace(
+        data_cfg,
+        source_column=_unset_or(data_cfg.source_column, trained.source_column),
+        prompt_template=_unset_or(data_cfg.prompt_template, trained.prompt_template),
+        max_source_length=_unset_or(data_cfg.max_source_length, trained.max_source_length),
+    )
+    return replace(cfg, model=model, data=data)
+
+
+def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
+    """Fill every unset key (from run_dir, the adapter, or the defaults) and check the inputs
+    that need no model and no process group. Returns the resolved config and notes to print."""
+    notes: list[str] = []
+    if cfg.run_dir is not None:
+        previous = cfg.model.name_or_path
+        cfg = _from_run_dir(cfg)
+        if previous is not None and not _same_model(previous, cfg.model.name_or_path or ""):
+            notes.append(
+                f"run_dir sets the model: model.name_or_path {previous} -> {cfg.model.name_or_path}"
+            )
+    model = cfg.model
+    if model.adapter_path is not None:
+        recorded_base = adapter_base(model.adapter_path)
+        if model.name_or_path is None:
+            model = replace(model, name_or_path=recorded_base)
+        elif not _same_model(model.name_or_path, recorded_base):
+            if not model.allow_base_mismatch:
+                raise UserError(
+                    f"model.adapter_path: the adapter in '{model.adapter_path}' was trained on base "
+                    f"'{recorded_base}', but model.name_or_path is '{model.name_or_path}'; set "
+                    f"model.name_or_path={recorded_base} (or model.allow_base_mismatch=true for a copy of it)."
+                )
+            notes.append(
+                f"adapter base {recorded_base} != model.name_or_path {model.name_or_path} (allowed)"
+            )
+    if model.name_or_path is None:
+        raise UserError(
+            "no model: set model.name_or_path (base or full fine-tune), model.adapter_path, or run_dir."
+        )
+    # Without run_dir, the prompt settings are the training defaults (the seed tutorial's).
+    data_cfg = cfg.data
+    data = replace(
+        data_cfg,
+        source_column=_unset_or(data_cfg.source_column, _TRAINING.data.source_column),
+        prompt_template=_unset_or(data_cfg.prompt_template, SEED_PROMPT),
+        max_source_length=_unset_or(data_cfg.max_source_length, _TRAINING.data.max_source_length),
+    )
+    cfg = replace(cfg, model=model, data=data)
+    _check_values(cfg)
+    return cfg, notes
+
+
+# ------------------------------------------------------------------- value checks
+
+
+def _at_least_one(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise UserError(f"{key}={value} must be at least 1.")
+
+
+def _check_data(data_cfg: EvalDataConfig) -> None:
+    """The `data` section, resolved (source_column, prompt_template, max_source_length set)."""
+    if not (data_cfg.eval_file or data_cfg.dataset):
+        raise UserError(
+            "no eval data: set data.eval_file (a local file or hub id) or data.dataset with data.split."
+        )
+    if data_cfg.eval_file and data_cfg.dataset:
+        raise UserError("set only one of data.eval_file and data.dataset.")
+    if not data_cfg.reference_columns:
+        raise UserError(
+            "data.reference_columns is empty; list the reference column(s), e.g. [summary]."
+        )
+    if data_cfg.source_column not in template_fields(data_cfg.prompt_template):
+        raise UserError(
+            f"data.prompt_template has no {{{data_cfg.source_column}}} placeholder for "
+            f"data.source_column='{data_cfg.source_column}'; add it to the template."
+        )
+    if data_cfg.max_examples is not None and data_cfg.max_examples < 1:
+        raise UserError(
+            f"data.max_examples={data_cfg.max_examples} leaves an empty eval set; use a positive number or null."
+        )
+    _at_least_one({"data.max_source_length": data_cfg.max_source_length})
+
+
+def _check_generation(generation: GenerationSettings) -> None:
+    """The `generation` section."""
+    _at_least_one(
+        {
+            "generation.max_new_tokens": generation.max_new_tokens,
+            "generation.num_beams": generation.num_beams,
+        }
+    )
+
+
+def _check_values(cfg: EvaluateConfig) -> None:
+    """Every value of a resolved config: the data section, the top-level keys, generation.
+    The enumerated keys (model.dtype, batch_size: a number or auto) are `Literal`s, checked
+    by `Validated` whenever a section is built, from YAML, the command line or code."""
+    _check_data(cfg.data)
+    if not 0.0 <= cfg.auto_batch_margin < 1.0:
+        raise UserError(f"auto_batch_margin={cfg.auto_batch_margin} must be in [0, 1), e.g. 0.1.")
+    _at_least_one(
+        {
+            "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
+            "auto_batch_max": cfg.auto_batch_max,
+            "num_bootstrap": cfg.num_bootstrap,
+        }
+    )
+    _check_generation(cfg.generation)
+
+
+def generate_kwargs(generation: GenerationSettings) -> dict[str, Any]:
+    """Only the settings that apply (transformers warns about e.g. temperature without sampling),
+    each passed explicitly, so a model's generation_config.json cannot change them."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": generation.max_new_tokens,
+        "min_new_tokens": generation.min_new_tokens,
+        "num_beams": generation.num_beams,
+        "do_sample": generation.do_sample,
+        "no_repeat_ngram_size": generation.no_repeat_ngram_size,
+        "repetition_penalty": generation.repetition_penalty,
+        "use_cache": True,  # a config saved with gradient checkpointing may say use_cache=false
+    }
+    if generation.do_sample:
+        kwargs.update(
+            temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k
+        )
+    if generation.num_beams > 1:
+        kwargs.update(
+            length_penalty=generation.length_penalty, early_stopping=generation.early_stopping
+        )
+    return kwargs

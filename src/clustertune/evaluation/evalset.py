@@ -1,0 +1,189 @@
+"""The eval set and how it is cut into batches: what makes the result independent of world size.
+
+- `assign_ids`, `reference_lists`, `EvalSet`, `load_eval_set`: load the data, give every
+  example a stable id and its references, and tokenise the prompts exactly as training does.
+- `make_batches`: examples sorted by prompt length (longest first, ties by position) are cut
+  into batches *before* anything depends on the world size; `clustertune.sampler.deal_to_ranks`
+  then gives batch k to rank k % world_size, and under ZeRO-3 a rank short of batches repeats
+  the last one (its outputs dropped) so every rank makes the same number of `generate` calls.
+- `pad_prompts`, `count_generated`: the tensors of one generate call, and its token counts.
+- `merge_predictions`: the (id, text) records gathered from all ranks put back in id order,
+  de-duplicated, so an example can never count twice or go missing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clustertune import data as data_lib
+from clustertune.config import template_fields
+from clustertune.errors import UserError
+from clustertune.evaluation.config import EvalDataConfig
+
+ID_COLUMNS = ("id", "fname")  # DialogSum's Hub copy has `id`; the official jsonl has `fname`
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+def assign_ids(
+    columns: Mapping[str, Sequence[Any]], num_rows: int, id_column: str | None = None
+) -> tuple[list[str], str]:
+    """Stable example ids and where they came from: `id_column`, else the first of `id`/`fname`
+    whose values are unique, else the row index. Returns (ids, source)."""
+    if id_column is not None:
+        if id_column not in columns:
+            raise UserError(
+                f"data.id_column='{id_column}' is not a column ({', '.join(columns)}); unset it to use row numbers."
+            )
+        ids = [str(value) for value in columns[id_column]]
+        if len(set(ids)) != len(ids):
+            duplicate = Counter(ids).most_common(1)[0][0]
+            raise UserError(
+                f"data.id_column='{id_column}' is not unique (e.g. '{duplicate}'); unset it to use row numbers."
+            )
+        return ids, id_column
+    for name in ID_COLUMNS:
+        if name in columns:
+            ids = [str(value) for value in columns[name]]
+            if len(set(ids)) == len(ids) and all(ids):
+                return ids, name
+    return [str(index) for index in range(num_rows)], "row index"
+
+
+def reference_lists(
+    columns: Mapping[str, Sequence[Any]], reference_columns: Sequence[str], ids: Sequence[str]
+) -> list[list[str]]:
+    """Per example, its non-empty references in column order (the first is `first_reference`)."""
+    references = []
+    for row, example_id in enumerate(ids):
+        texts = [
+            str(columns[c][row])
+            for c in reference_columns
+            if columns[c][row] is not None and str(columns[c][row]).strip()
+        ]
+        if not texts:
+            raise UserError(
+                f"example '{example_id}' has no reference in {list(reference_columns)}; fix the data or data.reference_columns."
+            )
+        references.append(texts)
+    return references
+
+
+@dataclass
+class EvalSet:
+    ids: list[str]
+    prompts: list[str]
+    prompt_ids: list[list[int]]  # exactly what training feeds the model (same truncation)
+    references: list[list[str]]
+    id_source: str
+    num_truncated: int
+
+
+def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSet:
+    """Load, validate and tokenise the eval data. `data_cfg` must be resolved (resolve_config).
+
+    Prompts go through data.tokenize_dataset, the training pipeline, with the first reference
+    as its target: seq2seq input_ids are the prompt; causal ones are prompt + target, of which
+    the first num_source_tokens are the prompt. Truncation is therefore training's, by construction.
+    """
+    source, what = (
+        (data_cfg.eval_file, "data.eval_file")
+        if data_cfg.eval_file
+        else (data_cfg.dataset, "data.dataset")
+    )
+    dataset = data_lib.load_split(
+        source,
+        split=data_cfg.split,
+        required_columns=template_fields(data_cfg.prompt_template),
+        what=what,
+    )
+    missing = [c for c in data_cfg.reference_columns if c not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"data.reference_columns: '{source}' has no column {', '.join(repr(c) for c in missing)} "
+            f"(columns: {', '.join(dataset.column_names)}); set data.reference_columns to the reference summary column(s)."
+        )
+    if data_cfg.max_examples is not None:
+        dataset = dataset.select(range(min(data_cfg.max_examples, len(dataset))))
+    columns = dataset.to_dict()
+    ids, id_source = assign_ids(columns, len(dataset), data_cfg.id_column)
+    references = reference_lists(columns, data_cfg.reference_columns, ids)
+    spec = data_lib.TokenizeSpec(
+        kind,
+        data_cfg.prompt_template,
+        data_cfg.reference_columns[0],
+        data_cfg.max_source_length,
+        max_target_length=1 << 30,
+    )
+    tokenized = data_lib.tokenize_dataset(dataset, tokenizer, spec)
+    lengths = tokenized["num_source_tokens"]
+    prompt_ids = [
+        ids_[:length] for ids_, length in zip(tokenized["input_ids"], lengths, strict=True)
+    ]
+    rows = [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+    prompts = [data_cfg.prompt_template.format(**row) for row in rows]
+    return EvalSet(
+        ids, prompts, prompt_ids, references, id_source, int(sum(tokenized["source_truncated"]))
+    )
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def make_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
+    """Example positions cut into batches, independent of the world size. Sorted: longest
+    first, ties by position (deterministic), so each batch pads to a similar length."""
+    order = (
+        sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        if sort_by_length
+        else list(range(len(lengths)))
+    )
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_prompts(rows: Sequence[list[int]], pad_token_id: int, side: str) -> dict[str, torch.Tensor]:
+    """Pad to the longest prompt: left for decoder-only models (generation continues from the
+    last position), right for encoder-decoders (the encoder masks padding anywhere)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def count_generated(new_tokens: torch.Tensor, eos_token_ids: Iterable[int]) -> list[int]:
+    """Generated tokens per row up to and including the first EOS (the rest is padding)."""
+    eos = set(eos_token_ids)
+    counts = []
+    for row in new_tokens.tolist():
+        stop = next((i for i, token in enumerate(row) if token in eos), None)
+        counts.append(len(row) if stop is None else stop + 1)
+    return counts
+
+
+def merge_predictions(records: Iterable[Sequence[Any]], ids: Sequence[str]) -> list[Any]:
+    """Records (id, value, ...) gathered from all ranks -> values in the order of `ids`.
+
+    De-duplicated by id (the first record of an id wins), so an example repeated to fill a
+    shard can never count twice; a missing id is an error, not a silently smaller eval set.
+    """
+    by_id: dict[str, Any] = {}
+    for example_id, value, *_ in records:
+        by_id.setdefault(example_id, value)
+    missing = [example_id for example_id in ids if example_id not in by_id]
+    if missing:
+        raise RuntimeError(
+            f"no prediction for {len(missing)} of {len(ids)} examples (e.g. {missing[:3]}) after gathering."
+        )
+    return [by_id[example_id] for example_id in ids]

@@ -1,0 +1,387 @@
+"""The `Evaluator`: one evaluation run, set up, generated, scored and saved on 1 to N ranks.
+
+Lifecycle (like the Trainer): Evaluator(cfg).setup() -> generate() -> save() -> cleanup().
+
+- `setup`: resolve the config (config.py), build the accelerator (DDP, or DeepSpeed with
+  ZeRO-1/2 run as stage 0 and ZeRO-3 partitioned), load the tokenizer and the eval set
+  (evalset.py), then the model (`_setup_model`; a LoRA adapter merged by
+  `_load_merged_adapter`) and, for `batch_size: auto`, the batch size (`_auto_batch_size`).
+- `generate`: every rank generates its batches (`deal_to_ranks`; under ZeRO-3 with
+  `synced_gpus=True`, since each forward gathers parameters collectively and a rank that
+  stopped early would hang the others); the (id, text) records are gathered to all ranks.
+- `save`: the main process scores and writes rouge.json and predictions.jsonl (report.py).
+- `cleanup`: every rank waits until the main process is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clustertune import rouge
+from clustertune.autobatch import (
+    Prober,
+    ProbeSteps,
+    SearchResult,
+    cache_key,
+    cached_search,
+    device_description,
+    margin_applied,
+)
+from clustertune.config import ModelConfig, PeftConfig
+from clustertune.distributed import all_ranks_agree, zero_stage
+from clustertune.errors import UserError
+from clustertune.evaluation.config import EvaluateConfig, generate_kwargs, resolve_config
+from clustertune.evaluation.evalset import (
+    EvalSet,
+    count_generated,
+    load_eval_set,
+    make_batches,
+    merge_predictions,
+    pad_prompts,
+)
+from clustertune.evaluation.report import build_report, write_outputs
+from clustertune.modeling import build_model, load_tokenizer, zero3_init_disabled
+from clustertune.runtime import Runtime, strategy_label
+from clustertune.sampler import deal_to_ranks
+
+
+class Evaluator:
+    """One evaluation run on every rank: setup() -> generate() -> save() -> cleanup()."""
+
+    # ------------------------------------------------------------ set in __init__
+    cfg: EvaluateConfig  # resolved by setup() (run_dir, adapter base, defaults)
+    output_dir: Path
+    # ------------------------------------------------------------ set in setup()
+    runtime: Runtime  # world size, model config, kind, dtype, process group (runtime.py)
+    ds_config: dict | None  # filled DeepSpeed JSON (ZeRO-1/2 become stage 0); None: DDP
+    zero3: bool  # parameters partitioned: every rank must make the same generate calls
+    strategy: str  # for logs and rouge.json, e.g. "ZeRO-3" or "DDP"
+    accelerator: Any
+    tokenizer: Any
+    eval_set: EvalSet
+    model: Any  # prepared (the DeepSpeed engine under ZeRO-3)
+    generator: Any  # the unwrapped model whose generate() is called
+    auto_batch: SearchResult | None  # the search trace when batch_size is auto
+    batch_size: int
+    # ------------------------------------------------------------ set in generate()
+    predictions: list[str]  # in eval-set order, one per example
+    throughput: dict[str, Any]
+
+    def __init__(self, cfg: EvaluateConfig) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+
+    @property
+    def world_size(self) -> int:
+        return self.runtime.world_size
+
+    @property
+    def kind(self) -> str:
+        return self.runtime.kind
+
+    @property
+    def dtype(self) -> str:
+        return self.runtime.dtype
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.is_main
+
+    # -------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self.cfg, notes = resolve_config(self.cfg)
+        cfg = self.cfg
+        self.runtime = runtime = Runtime.resolve(
+            model_name=cfg.model.name_or_path,
+            requested_dtype=cfg.model.dtype,
+            output_dir=self.output_dir,
+        )
+        # Inference has no accumulation and no clipping: micro batch = batch_size, accum 1.
+        self.ds_config = runtime.deepspeed_config(
+            micro_batch_size=1 if cfg.batch_size == "auto" else cfg.batch_size,
+            grad_accum_steps=1,
+            max_grad_norm=1.0,
+        )
+        self.zero3 = zero_stage(self.ds_config) == 3
+        self.strategy = strategy_label(self.ds_config, runtime.world_size)
+        if self.ds_config is not None and not self.zero3:
+            # ZeRO-1/2 shard optimizer states and gradients, which inference has none of
+            # (DeepSpeed refuses stage 1/2 without an optimizer); the weights are replicated
+            # either way, so the engine is built as stage 0.
+            self.ds_config["zero_optimization"] = {"stage": 0}
+            self.strategy += " (weights replicated: stage 0 for inference)"
+        runtime.start(cfg.seed)
+        self.accelerator = runtime.make_accelerator(self.ds_config, report_to=[])
+        for note in notes:
+            runtime.log(f"note: {note}")
+        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path)
+        with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
+            self.eval_set = load_eval_set(cfg.data, self.tokenizer, self.kind)
+        eval_set = self.eval_set
+        runtime.log(
+            f"eval: {len(eval_set.ids)} examples from {cfg.data.eval_file or cfg.data.dataset} "
+            f"(ids: {eval_set.id_source}), {len(cfg.data.reference_columns)} reference column(s), "
+            f"{eval_set.num_truncated} prompts truncated to {cfg.data.max_source_length} tokens"
+        )
+        self._setup_model()
+        self.auto_batch = None
+        if cfg.batch_size == "auto":
+            self.auto_batch = self._auto_batch_size()
+            self.batch_size = self.auto_batch.chosen
+        else:
+            self.batch_size = cfg.batch_size
+
+    def _setup_model(self) -> None:
+        cfg, accel = self.cfg, self.accelerator
+        # With an adapter the base is loaded whole (not partitioned by zero.Init) so that the
+        # adapter can be loaded and merged; deepspeed.initialize partitions it afterwards.
+        loading = zero3_init_disabled() if cfg.model.adapter_path else contextlib.nullcontext()
+        with loading:
+            model = build_model(
+                ModelConfig(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype),
+                PeftConfig(method="none"),
+                self.runtime.model_config,
+            )
+        if cfg.model.adapter_path:
+            model = _load_merged_adapter(model, cfg.model.adapter_path, cfg.model.name_or_path)
+        model.eval().requires_grad_(False)
+        if self.ds_config is not None:
+            # ZeRO-3: the engine partitions the weights; its forward hooks gather them per layer.
+            self.model = accel.prepare(model)
+        else:
+            # DDP: one replica per rank and nothing to all-reduce, so no DDP wrapper (which also
+            # refuses a model without trainable parameters): device placement and autocast only.
+            self.model = accel.prepare_model(model, evaluation_mode=True)
+        self.generator = accel.unwrap_model(self.model)
+        self.generator.eval()
+        self.runtime.log(
+            f"model: {cfg.model.name_or_path}"
+            + (f" + adapter {cfg.model.adapter_path} (merged)" if cfg.model.adapter_path else "")
+            + f", {self.kind}, dtype {self.dtype}, {self.strategy}, {self.world_size} process(es)"
+        )
+
+    @property
+    def padding_side(self) -> str:
+        """Decoder-only models continue from the last position: left; encoder-decoders: right."""
+        return "left" if self.kind == "causal" else "right"
+
+    # -------------------------------------------------------------- batch_size: auto
+    def _auto_batch_size(self) -> SearchResult:
+        """The largest generate batch that fits, probed with the worst case the recipe can
+        produce: copies of the longest prompt, forced to generate all max_new_tokens (the KV
+        cache grows with every new token), num_beams as configured. Every rank runs the same
+        probes and all-reduces "it fitted" (MIN), so all agree; a cached result is reused."""
+        cfg, eval_set, generation = self.cfg, self.eval_set, self.cfg.generation
+        prompt_ids = eval_set.prompt_ids
+        longest = max(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), -i))
+        prompt = prompt_ids[longest]
+        worst = {
+            "prompt_tokens": len(prompt),
+            "new_tokens": generation.max_new_tokens,
+            "num_beams": generation.num_beams,
+        }
+        limit = min(cfg.auto_batch_max, len(eval_set.ids))
+        key = cache_key(
+            device=device_description(),
+            model=cfg.model.name_or_path,
+            model_config=self.runtime.model_config.to_json_string(),
+            worst_case=worst,
+            limit=limit,
+            dtype=self.dtype,
+            deepspeed=self.ds_config,
+            world_size=self.world_size,
+            kind=self.kind,
+            generation=asdict(generation),
+        )
+        pad = self.tokenizer.pad_token_id
+        kwargs = {**generate_kwargs(generation), "min_new_tokens": generation.max_new_tokens}
+
+        def make(batch_size: int) -> dict[str, torch.Tensor]:
+            inputs = pad_prompts([prompt] * batch_size, pad, self.padding_side)
+            return {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+
+        def run_generate(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad(), self.accelerator.autocast():
+                output = self.generator.generate(
+                    **inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3
+                )
+            return output.to("meta")  # only its shape goes into the trace
+
+        def build(batch_size: int) -> ProbeSteps:  # the model is built once: nothing to rebuild
+            return run_generate, lambda: None, lambda: None
+
+        def choose(largest: int) -> tuple[int, int, str]:
+            if largest < 1:
+                raise UserError(
+                    f"not even batch_size=1 fits generating {generation.max_new_tokens} tokens x "
+                    f"{generation.num_beams} beam(s) for the longest prompt ({len(prompt)} tokens); "
+                    "lower generation.max_new_tokens, generation.num_beams or "
+                    "data.max_source_length, or evaluate under ZeRO-3."
+                )
+            note = (
+                ""
+                if largest < limit
+                else f"the search stopped at its limit {limit} "
+                f"(min of auto_batch_max={cfg.auto_batch_max} and {len(eval_set.ids)} examples)"
+            )
+            return margin_applied(largest, cfg.auto_batch_margin), 1, note
+
+        prober = Prober(build, make, self.runtime.process_index, all_ranks_agree, "generate")
+        result = cached_search(
+            prober,
+            limit,
+            self.output_dir / "auto_batch.json",
+            key,
+            self.is_main,
+            choose=choose,
+            worst_case_shape=worst,
+        )
+        self.runtime.log(result.log_line("batch_size", cfg.auto_batch_margin))
+        return result
+
+    # -------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self) -> None:
+        """Every rank generates its batches; predictions are gathered to all ranks by id."""
+        from accelerate.utils import gather_object
+
+        cfg, accel, es = self.cfg, self.accelerator, self.eval_set
+        tokenizer = self.tokenizer
+        batches = make_batches([len(p) for p in es.prompt_ids], self.batch_size, cfg.sort_by_length)
+        mine = deal_to_ranks(batches, self.world_size, accel.process_index, equal_calls=self.zero3)
+        kwargs = generate_kwargs(cfg.generation)
+        eos = self.generator.generation_config.eos_token_id
+        eos_ids = (
+            [tokenizer.eos_token_id]
+            if eos is None
+            else ([eos] if isinstance(eos, int) else list(eos))
+        )
+        progress = None
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(mine), desc="generating", dynamic_ncols=True)
+        records: list[tuple[str, str, int]] = []
+        real_tokens = padded_slots = 0
+        accel.wait_for_everyone()
+        start = time.perf_counter()
+        for positions, is_padding in mine:
+            inputs = pad_prompts(
+                [es.prompt_ids[i] for i in positions], tokenizer.pad_token_id, self.padding_side
+            )
+            inputs = {k: v.to(accel.device) for k, v in inputs.items()}
+            with accel.autocast():
+                # synced_gpus (ZeRO-3): every rank keeps stepping until all ranks' batches are done.
+                output = self.generator.generate(
+                    **inputs, **kwargs, pad_token_id=tokenizer.pad_token_id, synced_gpus=self.zero3
+                )
+            # Decoder-only output repeats the prompt; encoder-decoder output opens with the decoder start token.
+            new_tokens = (
+                output[:, inputs["input_ids"].shape[1] :]
+                if self.kind == "causal"
+                else output[:, 1:]
+            )
+            if not is_padding:
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                counts = count_generated(new_tokens, eos_ids)
+                records += [
+                    (es.ids[i], text.strip(), n)
+                    for i, text, n in zip(positions, texts, counts, strict=True)
+                ]
+                real_tokens += int(inputs["attention_mask"].sum())
+                padded_slots += inputs["attention_mask"].numel()
+            if progress is not None:
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+        # Collective: every rank sends its (id, prediction, tokens) records and its counters.
+        gathered = gather_object(records)
+        stats = gather_object([(real_tokens, padded_slots)])
+        accel.wait_for_everyone()
+        seconds = time.perf_counter() - start
+        self.predictions = merge_predictions(gathered, es.ids)
+        generated_tokens = merge_predictions([(r[0], r[2]) for r in gathered], es.ids)
+        total_generated = int(sum(generated_tokens))
+        self.throughput = {
+            "examples_per_second": round(len(es.ids) / seconds, 3),
+            "generated_tokens_per_second": round(total_generated / seconds, 1),
+            "generation_seconds": round(seconds, 3),
+            "generated_tokens": total_generated,
+            "mean_generated_tokens": round(total_generated / len(es.ids), 2),
+            "prompt_padding_efficiency": round(
+                sum(s[0] for s in stats) / max(1, sum(s[1] for s in stats)), 4
+            ),
+            "generate_calls_per_rank": len(mine),
+            "world_size": self.world_size,
+            "strategy": self.strategy,
+            "batch_size": self.batch_size,
+            "sort_by_length": cfg.sort_by_length,
+            "device": accel.device.type,
+        }
+        throughput = self.throughput
+        self._log(
+            f"generated {len(es.ids)} examples in {seconds:.2f} s: {throughput['examples_per_second']:.2f} examples/s, "
+            f"{throughput['generated_tokens_per_second']:.1f} generated tokens/s, prompt padding efficiency "
+            f"{throughput['prompt_padding_efficiency']:.2f} ({'sorted' if cfg.sort_by_length else 'dataset order'})"
+        )
+
+    # -------------------------------------------------------------- score and save
+    def save(self) -> dict[str, Any] | None:
+        """Main process only: score, write predictions.jsonl and rouge.json, print the table."""
+        if not self.is_main:
+            return None
+        cfg, es = self.cfg, self.eval_set
+        report = build_report(
+            cfg,
+            es,
+            self.predictions,
+            kind=self.kind,
+            dtype=self.dtype,
+            throughput=self.throughput,
+            auto_batch=self.auto_batch,
+        )
+        write_outputs(self.output_dir, report, es, self.predictions)
+        print(rouge.format_table(report), flush=True)
+        print(
+            f"wrote {self.output_dir / 'rouge.json'} and {self.output_dir / 'predictions.jsonl'}",
+            flush=True,
+        )
+        return report
+
+    def cleanup(self) -> None:
+        self.accelerator.wait_for_everyone()  # no rank tears down the process group while main scores
+
+    def _config_header(self) -> str:
+        return (
+            "# Resolved evaluation config (the single source of truth); rerun with:\n"
+            f"#   python recipes/evaluate.py --config {self.output_dir / 'config.yaml'}\n"
+        )
+
+    def _log(self, message: str) -> None:
+        self.runtime.log(message)
+
+
+def _load_merged_adapter(model: Any, adapter_path: str, base: str) -> Any:
+    """Apply a LoRA adapter and merge it into the weights (plain layers generate faster).
+    A shape mismatch means the adapter was made for another base: one sentence, not a traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()
+        detail = next(
+            (line.strip() for line in first if "size mismatch" in line),
+            first[0] if first else type(error).__name__,
+        )
+        raise UserError(
+            f"model.adapter_path: the adapter in '{adapter_path}' does not fit base model '{base}' ({detail[:300]}); "
+            "it was made for another base: set model.name_or_path to that base."
+        ) from None

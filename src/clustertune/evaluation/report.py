@@ -1,0 +1,104 @@
+"""What an evaluation writes: per-example scores (predictions.jsonl) and the report (rouge.json).
+
+- `example_scores`: one example's ROUGE under the report's protocol names (best reference,
+  mean over references, first reference) and per reference, rounded for predictions.jsonl.
+- `build_report`: rouge.json: `rouge.rouge_report` (scores, protocols, bootstrap intervals)
+  plus what was evaluated (model, dataset, generation settings), throughput and auto_batch.
+- `prediction_lines`, `write_outputs`: predictions.jsonl and rouge.json, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from clustertune import rouge
+from clustertune.atomicio import write_text_atomic
+from clustertune.autobatch import SearchResult
+from clustertune.evaluation.config import EvaluateConfig
+from clustertune.evaluation.evalset import EvalSet
+
+
+def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
+    return {metric: round(value, 4) for metric, value in scores.items()}
+
+
+def example_scores(prediction: str, references: list[str]) -> dict[str, Any]:
+    """Per-example ROUGE for predictions.jsonl, under the report's protocol names."""
+    scores = rouge.score_example(prediction, references)
+    return {
+        **{rouge.REPORT_PROTOCOL_NAMES[p]: _rounded(scores[p]) for p in rouge.PROTOCOLS},
+        "per_reference": [_rounded(s) for s in scores["per_reference"]],
+    }
+
+
+def build_report(
+    cfg: EvaluateConfig,
+    eval_set: EvalSet,
+    predictions: Sequence[str],
+    *,
+    kind: str,
+    dtype: str,
+    throughput: dict[str, Any],
+    auto_batch: SearchResult | None,
+) -> dict[str, Any]:
+    """The content of rouge.json: scores with bootstrap intervals, then what produced them."""
+    report = rouge.rouge_report(
+        predictions, eval_set.references, num_bootstrap=cfg.num_bootstrap, seed=cfg.seed
+    )
+    report["model"] = {
+        "name_or_path": cfg.model.name_or_path,
+        "adapter_path": cfg.model.adapter_path,
+        "run_dir": cfg.run_dir,
+        "kind": kind,
+        "dtype": dtype,
+    }
+    report["dataset"] = {
+        "source": cfg.data.eval_file or cfg.data.dataset,
+        "split": None if cfg.data.eval_file else cfg.data.split,
+        "num_examples": len(eval_set.ids),
+        "max_examples": cfg.data.max_examples,
+        "ids": eval_set.id_source,
+        "source_column": cfg.data.source_column,
+        "reference_columns": list(cfg.data.reference_columns),
+        "prompt_template": cfg.data.prompt_template,
+        "max_source_length": cfg.data.max_source_length,
+        "prompts_truncated": eval_set.num_truncated,
+    }
+    report["generation"] = asdict(cfg.generation)
+    report["throughput"] = throughput
+    if auto_batch is not None:
+        report["auto_batch"] = auto_batch.to_json()
+    return report
+
+
+def prediction_lines(eval_set: EvalSet, predictions: Sequence[str]) -> list[str]:
+    """One JSON line per example, in eval-set order: id, prompt, prediction, references, scores."""
+    lines = []
+    for example_id, prompt, prediction, references in zip(
+        eval_set.ids, eval_set.prompts, predictions, eval_set.references, strict=True
+    ):
+        lines.append(
+            json.dumps(
+                {
+                    "id": example_id,
+                    "prompt": prompt,
+                    "prediction": prediction,
+                    "references": references,
+                    "scores": example_scores(prediction, references),
+                }
+            )
+        )
+    return lines
+
+
+def write_outputs(
+    output_dir: Path, report: Mapping[str, Any], eval_set: EvalSet, predictions: Sequence[str]
+) -> None:
+    """predictions.jsonl, then rouge.json, each atomically."""
+    lines = prediction_lines(eval_set, predictions)
+    write_text_atomic(output_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(output_dir / "rouge.json", json.dumps(report, indent=2) + "\n")

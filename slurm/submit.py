@@ -6,12 +6,13 @@
         -- recipes/finetune.py --config recipes/configs/smoke/lora.yaml
     python slurm/submit.py --help
 
-Everything lives in clustertune.slurm_submit; see its docstring for the signal and requeue path.
+Everything lives in the clustertune.slurm package (its docstring maps the modules; clustertune.slurm.job's
+docstring walks through the signal and requeue path).
 """
 
 import sys
 
-from clustertune.slurm_submit import main
+from clustertune.slurm.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from clustertune.slurm_env import rendezvous_port
+from clustertune.slurm.env import rendezvous_port
 
 pytestmark = pytest.mark.slurm
 
@@ -55,7 +55,7 @@ def test_two_node_submitit_job_and_launch_args(slurm_cluster_2node: Path, tmp_pa
 
         import submitit
 
-        from clustertune.slurm_env import launch_args_from_env
+        from clustertune.slurm.env import launch_args_from_env
 
         job_env = submitit.JobEnvironment()
         return {

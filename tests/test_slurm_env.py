@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from clustertune.errors import UserError
-from clustertune.slurm_env import (
+from clustertune.slurm.env import (
     PORT_MAX,
     PORT_MIN,
     NodeLaunch,

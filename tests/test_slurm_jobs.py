@@ -20,7 +20,8 @@ import pytest
 import yaml
 from helpers import REPO, describe, recipe_env, train_losses
 
-from clustertune.slurm_submit import TERMINAL_STATES, job_fields
+from clustertune.slurm.job import job_fields
+from clustertune.slurm.submit import TERMINAL_STATES
 
 pytestmark = pytest.mark.slurm
 
@@ -304,3 +305,70 @@ def test_bad_input_is_refused_before_submitting(
     errors = [line for line in result.stderr.splitlines() if line.startswith("clustertune: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "submitted job" not in result.stdout and squeue_ids() == before
+
+
+def sbatch(script: str, *args: str, output: Path, nodes: int = 1, **env: str) -> str:
+    """Submit one of the plain sbatch templates as a CPU job of the dev cluster; its job id."""
+    submitted = subprocess.run(
+        [
+            *("sbatch", "--parsable", "--partition=debug", f"--nodes={nodes}"),
+            *("--gpus-per-node=0", "--cpus-per-task=2", "--time=00:30:00", f"--output={output}"),
+            script,
+            *args,
+        ],
+        cwd=REPO,
+        env=recipe_env(PYTHON=sys.executable, **env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return submitted.stdout.strip().split(";")[0]
+
+
+def test_train_sbatch_requeues_itself_and_evaluate_sbatch_follows(
+    baseline, slurm_cluster, smoke_assets, tmp_path
+):
+    """slurm/train.sbatch without submitit: USR1 to the batch shell (what --signal=B:USR1@T
+    does) stops every rank with a checkpoint, the script requeues the job (clustertune.slurm.
+    requeue) and the rerun ends on the baseline's losses; then slurm/evaluate.sbatch scores the
+    run on 2 nodes x 1 process (clustertune.slurm.node on each node)."""
+    assert baseline["result"].returncode == 0, describe(baseline["result"])
+    out, train_log = tmp_path / "sbatch-run", tmp_path / "train.out"
+    job_id = sbatch(
+        "slurm/train.sbatch",
+        *smoke_args(smoke_assets, out),
+        output=train_log,
+        LAUNCH="launch/zero2.yaml",
+        PROCESSES_PER_NODE="2",
+        MAX_REQUEUES="1",
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (out / "metrics.jsonl").exists() or max(train_losses(out) or [0]) < 2:
+        assert time.monotonic() < deadline, train_log.read_text()
+        state = (job_fields(job_id) or {}).get("JobState")
+        assert state not in TERMINAL_STATES, train_log.read_text()
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    fields = wait_until_ended(job_id)
+    text = train_log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
+    assert "-m clustertune.launch --deepspeed_multinode_launcher standard" in text, text
+    assert re.search(rf"checkpoint saved and stopped; requeued job {job_id} \(requeue 1 of", text)
+    resumed, uninterrupted = train_losses(out), train_losses(baseline["out"])
+    assert sorted(resumed) == list(range(1, MAX_STEPS + 1))
+    assert max(abs(resumed[step] - uninterrupted[step]) for step in resumed) <= EXACT
+
+    eval_log = tmp_path / "eval.out"
+    eval_id = sbatch(
+        "slurm/evaluate.sbatch",
+        *("--config", "recipes/configs/smoke/evaluate.yaml"),
+        *(f"--run_dir={out}", f"--output_dir={out / 'eval'}"),
+        output=eval_log,
+        nodes=2,
+        PROCESSES_PER_NODE="1",
+    )
+    fields = wait_until_ended(eval_id)
+    assert fields["JobState"] == "COMPLETED", (fields, eval_log.read_text())
+    assert "--num_machines 2" in eval_log.read_text()
+    rouge = json.loads((out / "eval/rouge.json").read_text())
+    assert {"rouge1", "rougeL"} <= rouge.keys()

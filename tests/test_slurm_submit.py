@@ -12,15 +12,11 @@ import pytest
 import yaml
 from helpers import REPO
 
-from clustertune import slurm_submit
 from clustertune.errors import UserError
-from clustertune.slurm_env import NodeLaunch
-from clustertune.slurm_submit import (
-    LaunchJob,
-    RequeueLimitReached,
-    load_settings,
-    parse_time_minutes,
-)
+from clustertune.slurm import cli, requeue
+from clustertune.slurm.env import NodeLaunch
+from clustertune.slurm.job import LaunchJob, RequeueLimitReached, requeue_decision
+from clustertune.slurm.settings import load_settings, parse_time_minutes
 from clustertune.stop import EXIT_REQUEUE, launcher_preexec
 
 RECIPE = ["recipes/finetune.py", "--config", "recipes/configs/smoke/lora.yaml"]
@@ -29,7 +25,7 @@ RECIPE = ["recipes/finetune.py", "--config", "recipes/configs/smoke/lora.yaml"]
 def submit(capsys, *args: str) -> tuple[int, str, str]:
     """Run clustertune-submit's main in this process; return (exit code, stdout, stderr)."""
     try:
-        code = slurm_submit.main(list(args))
+        code = cli.main(list(args))
     except SystemExit as exit_:
         code = exit_.code
     captured = capsys.readouterr()
@@ -320,3 +316,40 @@ def test_launcher_starts_with_usr1_usr2_ignored():
 def test_settings_errors_are_user_errors():
     with pytest.raises(UserError, match="sbatch_flags entry '-N2' must be a long option"):
         load_settings(None, {"processes_per_node": 1, "sbatch_flags": ["-N2"]})
+
+
+@pytest.mark.parametrize(
+    ("state", "restarts", "rank", "action"),
+    [
+        ("RUNNING", 0, 0, "requeue"),
+        ("RUNNING", 2, 0, "stop_at_limit"),
+        ("COMPLETING", 0, 0, "let_slurm_end_it"),
+        ("UNKNOWN", 0, 0, "let_slurm_end_it"),
+        (None, 0, 1, "leave_to_node_0"),
+    ],
+)
+def test_requeue_decision(state, restarts, rank, action):
+    assert requeue_decision(state, restarts, 2, rank, "41").action == action
+
+
+def test_train_sbatch_requeue_step_follows_the_same_rule(fake_slurm, monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeue.main(["--max-requeues", "1"]) == 1  # at the limit: no requeue
+    assert "requeued 1 times already (max_requeues=1)" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert requeue.main(["--max-requeues", "1"]) == 0
+    calls = fake_slurm["calls"].read_text().splitlines()
+    assert calls == ["show job --oneliner 41", "show job --oneliner 41", "requeue 41"]
+
+
+def test_every_scalar_setting_has_a_flag_with_its_comment_as_help():
+    flags = {name: help_text for name, _, help_text in cli.settings_flags()}
+    assert {"nodes", "gpus_per_node", "processes_per_node", "partition", "time", "launch"} <= set(
+        flags
+    )
+    assert not {"sbatch_flags", "setup", "env"} & set(flags)  # lists and mappings: YAML only
+    assert all(flags.values()), flags
+    args, _ = cli.parse_command_line(["--processes-per-node", "3", "--mem-gb", "1.5", "--", "x"])
+    assert (args.processes_per_node, args.mem_gb, args.nodes) == (3, 1.5, None)

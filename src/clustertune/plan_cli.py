@@ -35,7 +35,9 @@ def launch_command(plan: MemoryPlan, config_args: Sequence[str]) -> str | None:
         str(cluster.world_size),
     ]
     command = shlex.join(parts)
-    if cluster.nodes > 1:  # the same command on every node; under SLURM, slurm_env fills these in
+    if (
+        cluster.nodes > 1
+    ):  # the same command on every node; under SLURM, clustertune.slurm.env fills these in
         command += (
             f" --num_machines {cluster.nodes} --machine_rank $NODE_RANK"
             " --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT"

@@ -1,8 +1,10 @@
-"""Turn a SLURM job's environment into `accelerate launch` arguments, one launcher per node.
+"""SLURM's environment -> one node's `accelerate launch` arguments (rendezvous address and port).
 
 Inside an allocation every node runs the same command; SLURM tells each one who it is through
 SLURM_JOB_NODELIST, SLURM_NNODES and SLURM_NODEID. The first node of the list hosts the
 rendezvous, on a port derived from SLURM_JOB_ID so that all nodes agree without talking.
+Pure functions of the environment (plus a DNS / `scontrol show node` lookup of the first
+node); the command built from them is in clustertune.slurm.node.
 """
 
 from __future__ import annotations

@@ -1,0 +1,149 @@
+"""`clustertune-submit`: the command line (argparse `main`) that ties settings, preflight and submission.
+
+    clustertune-submit --config slurm/cluster.yaml --nodes 2 --launch launch/zero2.yaml \\
+        -- recipes/finetune.py --config recipes/configs/flan_t5_base/full.yaml
+    clustertune-submit --config slurm/dev-cluster.yaml --then evaluate \\
+        --eval-config recipes/configs/smoke/evaluate.yaml --wait -- recipes/finetune.py ...
+    clustertune-submit ... --dry-run   # print the sbatch file(s) and per-node commands only
+
+Every scalar field of SlurmSettings is a flag (`processes_per_node` -> `--processes-per-node`,
+its comment the help) that overrides the settings YAML; the lists and the env mapping are set
+in the YAML only. The other flags say what to run after the training and how to submit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from draccus.wrappers.docstring import get_attribute_docstring
+
+from clustertune.errors import UserError, exit_on_user_error
+from clustertune.slurm.preflight import Then, describe_plan, dry_run, preflight
+from clustertune.slurm.settings import SlurmSettings, load_settings
+from clustertune.slurm.submit import submit, wait
+
+SCALAR_TYPES = (str, int, float)
+
+
+def _flag_type(hint: Any) -> Any:
+    """str/int/float for a scalar field (`int | None` included); None for lists and mappings."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        given = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = given[0] if len(given) == 1 else None
+    return hint if hint in SCALAR_TYPES else None
+
+
+def settings_flags() -> Iterator[tuple[str, Any, str]]:
+    """(field name, value type, help) of each SlurmSettings field that has a flag."""
+    hints = typing.get_type_hints(SlurmSettings)
+    for f in dataclasses.fields(SlurmSettings):
+        value_type = _flag_type(hints[f.name])
+        if value_type is not None:
+            comment = get_attribute_docstring(SlurmSettings, f.name).comment_above
+            yield f.name, value_type, " ".join(comment.split()).replace("%", "%%")
+
+
+def _parser() -> argparse.ArgumentParser:
+    flagged = [name for name, _, _ in settings_flags()]
+    yaml_only = [f.name for f in dataclasses.fields(SlurmSettings) if f.name not in flagged]
+    parser = argparse.ArgumentParser(
+        prog="clustertune-submit",
+        usage="clustertune-submit [--config slurm/<cluster>.yaml] [options] -- RECIPE [recipe args]",
+        description="Run a recipe on SLURM (submitit): one task per node, each running "
+        "clustertune-launch. Flags override the settings YAML.",
+        epilog=f"Settings in the YAML only: {', '.join(yaml_only)}.",
+    )
+    parser.add_argument(
+        "--config", help="cluster settings YAML (slurm/cluster.yaml, slurm/dev-cluster.yaml)"
+    )
+    settings = parser.add_argument_group("cluster settings (override the YAML)")
+    for name, value_type, help_text in settings_flags():
+        settings.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=value_type, help=help_text
+        )
+    parser.add_argument(
+        "--then",
+        choices=typing.get_args(Then),
+        help="submit recipes/evaluate.py after the training succeeds",
+    )
+    parser.add_argument("--eval-config", help="evaluation config for --then evaluate")
+    parser.add_argument(
+        "--eval-launch", help="launch file of the evaluation job (default: --launch)"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="block until the job(s) end; exit 1 if one failed"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch file(s) and per-node commands only"
+    )
+    return parser
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    if "--" in argv:
+        split = argv.index("--")
+        own, recipe = argv[:split], argv[split + 1 :]
+    else:
+        own, recipe = argv, []
+    args = _parser().parse_args(own)
+    if not recipe and not any(a in own for a in ("-h", "--help")):
+        raise UserError(
+            "no recipe given; end the options with -- and the recipe, e.g. "
+            "-- recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
+        )
+    return args, recipe
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args, recipe = parse_command_line(sys.argv[1:] if argv is None else argv)
+    overrides = {name: getattr(args, name) for name, _, _ in settings_flags()}
+    settings = load_settings(args.config, overrides)
+    workdir = Path.cwd()
+    plan = preflight(
+        settings,
+        recipe,
+        workdir=workdir,
+        then=args.then,
+        eval_config=args.eval_config,
+        eval_launch=args.eval_launch,
+    )
+    for warning in plan.warnings:
+        print(f"clustertune-submit: warning: {warning}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        print(dry_run(plan), flush=True)
+        return 0
+    submitted = submit(plan)
+    print(describe_plan(plan))
+    for job in submitted:
+        logs = job.log_paths(settings.nodes)
+        print(
+            f"submitted job {job.job_id}: {job.title}\n"
+            f"  logs: {logs[0].parent}/{job.job_id}_<node>_log.{{out,err}} (node 0: {logs[0].name})\n"
+            f"  follow: tail -F {' '.join(str(p) for p in logs)}",
+            flush=True,
+        )
+    if args.wait:
+        try:
+            return 0 if wait(submitted) else 1
+        except KeyboardInterrupt:
+            ids = " ".join(job.job_id for job in submitted)
+            print(
+                f"\nstopped waiting; the job(s) keep running "
+                f"(squeue -j {ids.replace(' ', ',')}; scancel {ids})",
+                file=sys.stderr,
+            )
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Preflight: every mistake visible before submitting, as one UserError each; the dry-run text.
+
+`preflight` checks the recipe, the launch file against nodes x processes_per_node, the batch
+arithmetic (clustertune.sampler.check_batch_arithmetic, the rule training itself applies),
+model and data paths or Hugging Face cache entries the offline nodes will need, and the
+partition (where sinfo exists); it warns about node-local output folders. It returns the
+`SubmissionPlan`: the checked settings and the submitit jobs (clustertune.slurm.job.LaunchJob) to run.
+`dry_run` renders what would be submitted: submitit's sbatch files and each task's command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from clustertune.config import FinetuneConfig, load_yaml_mapping, parse_config
+from clustertune.errors import UserError
+from clustertune.sampler import check_batch_arithmetic
+from clustertune.slurm.env import PORT_MAX, PORT_MIN, NodeLaunch
+from clustertune.slurm.job import LaunchJob
+from clustertune.slurm.node import distributed_type
+from clustertune.slurm.settings import SlurmSettings
+from clustertune.slurm.submit import make_executor, sbatch_parameters, sbatch_text
+
+EVALUATE_RECIPE = "recipes/evaluate.py"
+# What can follow a training job in the same submission (--then).
+Then = Literal["evaluate"]
+NODE_LOCAL_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+
+
+def _hub_cache(env: dict[str, str]) -> Path:
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    home = Path(
+        env.get("HF_HOME")
+        or Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface"
+    )
+    return home.expanduser() / "hub"
+
+
+def _in_hub_cache(repo_id: str, repo_type: str, env: dict[str, str]) -> bool:
+    folder = _hub_cache(env) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    if repo_type == "dataset" and not folder.is_dir():
+        datasets_home = env.get("HF_DATASETS_CACHE") or str(_hub_cache(env).parent / "datasets")
+        return (Path(datasets_home).expanduser() / repo_id.replace("/", "___")).is_dir()
+    return (folder / "snapshots").is_dir()
+
+
+def _check_model_and_data(cfg: Any, workdir: Path, env: dict[str, str]) -> None:
+    offline = _truthy(env.get("HF_HUB_OFFLINE"))
+    hint = "download it on a machine with access (huggingface-cli download) or point the setting at a local copy"
+    model = cfg.model.name_or_path
+    if _looks_local(model) and not (workdir / model).expanduser().exists():
+        raise UserError(f"model.name_or_path '{model}' does not exist; fix the path.")
+    if not _looks_local(model) and offline and not _in_hub_cache(model, "model", env):
+        raise UserError(
+            f"model '{model}' is not in the Hugging Face cache ({_hub_cache(env)}) and "
+            f"HF_HUB_OFFLINE=1 on the nodes; {hint}."
+        )
+    data = cfg.data
+    for key in ("train_file", "eval_file"):
+        name = getattr(data, key)
+        if not name:
+            continue
+        local = _looks_local(name) or Path(name).suffix in (".jsonl", ".json", ".csv", ".parquet")
+        if local and not (workdir / name).expanduser().exists():
+            raise UserError(f"data.{key} '{name}' does not exist; fix the path.")
+        if not local and offline and not _in_hub_cache(name, "dataset", env):
+            raise UserError(
+                f"dataset '{name}' (data.{key}) is not in the Hugging Face cache and "
+                f"HF_HUB_OFFLINE=1 on the nodes; {hint}."
+            )
+    if data.dataset and offline and not _in_hub_cache(data.dataset, "dataset", env):
+        raise UserError(
+            f"dataset '{data.dataset}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+            f"on the nodes; {hint}."
+        )
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):  # contextlib.chdir needs Python 3.11
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _node_local(path: Path) -> bool:
+    prefixes = [
+        *NODE_LOCAL_PREFIXES,
+        *(os.environ[v] for v in ("TMPDIR", "SLURM_TMPDIR") if os.environ.get(v)),
+    ]
+    return any(path == Path(p) or Path(p) in path.parents for p in prefixes)
+
+
+def _launch_file(settings: SlurmSettings, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    path = (workdir / settings.launch).resolve()
+    if not path.is_file():
+        shipped = ", ".join(
+            sorted(str(p.relative_to(workdir)) for p in (workdir / "launch").glob("*.yaml"))
+        )
+        raise UserError(
+            f"launch file '{settings.launch}' does not exist; use one of: {shipped or 'launch/*.yaml'}."
+        )
+    launch = load_yaml_mapping(path)
+    ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if ds_file and not (workdir / ds_file).is_file():
+        raise UserError(
+            f"{settings.launch} names the DeepSpeed config '{ds_file}', which does not exist "
+            f"(relative to {workdir}); submit from the project root."
+        )
+    return path, launch
+
+
+def _partitions(warnings: list[str]) -> list[str] | None:
+    """The cluster's partitions, or None where sinfo is missing or cannot reach a controller."""
+    if shutil.which("sinfo") is None:
+        return None
+    shown = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    if shown.returncode != 0:
+        reason = (shown.stderr.strip().splitlines() or ["no message"])[-1]
+        warnings.append(f"cannot check the partition: sinfo failed ({reason}).")
+        return None
+    return [name.rstrip("*") for name in shown.stdout.split()]
+
+
+@dataclass
+class SubmissionPlan:
+    """What will be submitted: checked settings, the jobs' callables and the run's output_dir."""
+
+    settings: SlurmSettings
+    folder: Path
+    train: LaunchJob
+    evaluate: LaunchJob | None
+    output_dir: Path | None
+    warnings: list[str]
+
+
+def preflight(
+    settings: SlurmSettings,
+    recipe_argv: Sequence[str],
+    *,
+    workdir: Path,
+    then: Then | None = None,
+    eval_config: str | None = None,
+    eval_launch: str | None = None,
+) -> SubmissionPlan:
+    """Every mistake we can see before submitting, each as one UserError; warnings returned."""
+    warnings: list[str] = []
+    if not recipe_argv:
+        raise UserError(
+            "no recipe given; put it after --, e.g. -- recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
+        )
+    script = recipe_argv[0]
+    if not (workdir / script).is_file():
+        raise UserError(
+            f"recipe '{script}' does not exist (relative to {workdir}); check the path after --."
+        )
+    if settings.partition:  # where sinfo exists: a dry run on a laptop skips this check
+        partitions = _partitions(warnings)
+        if partitions is not None and settings.partition not in partitions:
+            raise UserError(
+                f"partition '{settings.partition}' does not exist on this cluster; "
+                f"available: {', '.join(partitions) or 'none'} (sinfo -s)."
+            )
+    launch_path, launch = _launch_file(settings, workdir)
+    world = settings.world_size
+    distributed = distributed_type(launch)
+    if distributed == "NO" and world != 1:
+        raise UserError(
+            f"{settings.launch} runs a single process (distributed_type: NO) but nodes x processes_per_node "
+            f"= {settings.nodes} x {settings.processes_per_node} = {world}; use launch/ddp.yaml or a "
+            "launch/zero*.yaml, or --nodes 1 --processes-per-node 1."
+        )
+
+    output_dir = None
+    if Path(script).name == "finetune.py":
+        with _working_directory(workdir):  # the recipe's relative paths, as the job sees them
+            cfg = parse_config(FinetuneConfig, list(recipe_argv[1:]))
+        check_batch_arithmetic(
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            world,
+            world="the world size (nodes x processes_per_node)",
+        )
+        job_env = {**os.environ, **settings.env}
+        _check_model_and_data(cfg, workdir, job_env)
+        output_dir = (workdir / cfg.output_dir).resolve()
+    folder = (workdir / settings.folder).resolve()
+    for what, path in (("output_dir", output_dir), ("folder", folder)):
+        if path is not None and _node_local(path):
+            warnings.append(
+                f"{what} {path} looks node-local; every node must see it (use shared storage)."
+            )
+
+    job = LaunchJob(
+        launch_config=str(launch_path),
+        processes_per_node=settings.processes_per_node,
+        recipe_argv=tuple(recipe_argv),
+        workdir=str(workdir),
+        max_requeues=settings.max_requeues,
+        is_deepspeed=distributed == "DEEPSPEED",
+    )
+    evaluate = None
+    if then is not None:
+        if then not in get_args(Then):
+            raise UserError(f"--then {then!r}: only 'evaluate' can follow a training job.")
+        if output_dir is None:
+            raise UserError(
+                "--then evaluate needs a training recipe with an output_dir (recipes/finetune.py)."
+            )
+        if not (workdir / EVALUATE_RECIPE).is_file():
+            raise UserError(
+                f"--then evaluate needs {EVALUATE_RECIPE}, which does not exist in {workdir}."
+            )
+        if eval_config is not None and not (workdir / eval_config).is_file():
+            raise UserError(f"--eval-config '{eval_config}' does not exist.")
+        eval_settings = dataclasses.replace(settings, launch=eval_launch or settings.launch)
+        eval_path, eval_launch_data = _launch_file(eval_settings, workdir)
+        eval_distributed = distributed_type(eval_launch_data)
+        if eval_distributed == "NO" and world != 1:
+            raise UserError(
+                f"--eval-launch {eval_settings.launch} runs a single process but the job has "
+                f"{world}; use launch/ddp.yaml."
+            )
+        eval_argv = (
+            EVALUATE_RECIPE,
+            *(("--config", eval_config) if eval_config else ()),
+            f"--run_dir={output_dir}",
+            f"--output_dir={output_dir / 'eval'}",
+        )
+        evaluate = dataclasses.replace(
+            job,
+            launch_config=str(eval_path),
+            recipe_argv=eval_argv,
+            max_requeues=0,
+            is_deepspeed=eval_distributed == "DEEPSPEED",
+        )
+    return SubmissionPlan(
+        settings=settings,
+        folder=folder,
+        train=job,
+        evaluate=evaluate,
+        output_dir=output_dir,
+        warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def node_command_text(job: LaunchJob, settings: SlurmSettings) -> str:
+    """The command every task runs, with SLURM's per-node values left as placeholders."""
+    placeholder = NodeLaunch(
+        num_machines=settings.nodes,
+        machine_rank="$SLURM_NODEID",  # type: ignore[arg-type]
+        main_process_ip="<address of the first node of $SLURM_JOB_NODELIST>",
+        main_process_port=f"<{PORT_MIN} + $SLURM_JOB_ID % {PORT_MAX - PORT_MIN + 1}>",  # type: ignore[arg-type]
+        num_processes=settings.world_size,
+    )
+    return " ".join(
+        arg if arg.startswith(("$", "<")) else shlex.quote(arg) for arg in job.command(placeholder)
+    )
+
+
+def describe_plan(plan: SubmissionPlan) -> str:
+    s = plan.settings
+    lines = [
+        f"job: {s.nodes} node(s) x {s.processes_per_node} process(es) = world size {s.world_size}, "
+        f"{s.launch}, time {s.time}, requeues <= {s.max_requeues}"
+    ]
+    if plan.output_dir:
+        lines.append(f"output_dir: {plan.output_dir}")
+    return "\n".join(lines)
+
+
+def dry_run(plan: SubmissionPlan) -> str:
+    """What `--dry-run` prints: the plan, then per job its sbatch file and task command."""
+    s = plan.settings
+    parts = [describe_plan(plan), ""]
+    jobs = [("training", plan.train, None, s.job_name)]
+    if plan.evaluate is not None:
+        jobs.append(("evaluation", plan.evaluate, "afterok:TRAINING_JOB_ID", f"{s.job_name}-eval"))
+    for title, job, dependency, name in jobs:
+        executor = make_executor(
+            plan.folder, sbatch_parameters(s, name, dependency), job.max_requeues, render_only=True
+        )
+        parts += [
+            f"# ---- sbatch file of the {title} job (submitit; %j is the job id) ----",
+            sbatch_text(executor),
+            f"# ---- each of its {s.nodes} task(s) (one per node) runs ----",
+            node_command_text(job, s),
+            "",
+        ]
+    return "\n".join(parts)

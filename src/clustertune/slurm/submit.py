@@ -1,0 +1,203 @@
+"""Submission through submitit: sbatch parameters, the executor, submitting a plan, waiting.
+
+A checked `SubmissionPlan` (clustertune.slurm.preflight) becomes one submitit job (its `LaunchJob`, one
+task per node), or two chained with afterok when the evaluation follows the training.
+`wait` follows the jobs with scontrol (sacct once the controller forgot them).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# Imported when this module loads, not when the first executor is made: submitit configures
+# logging at import (logging.config.dictConfig), which shuts down every logging handler that
+# exists at that moment, and a handler closes its stream if that stream is no longer
+# sys.stderr. absl's handler (rouge_score imports absl) keeps the sys.stderr of the moment it
+# was created; imported mid-run, submitit closed that stream once it had been swapped (pytest
+# captures output per test: a later test then crashed on pytest's own closed capture file),
+# and pointed its own handlers at the sys.stdout/err of the moment. At module load both happen
+# at start-up, before anything swaps the streams.
+import submitit
+
+from clustertune.slurm.job import job_fields
+from clustertune.slurm.settings import SlurmSettings, parse_time_minutes
+
+if TYPE_CHECKING:
+    from clustertune.slurm.preflight import SubmissionPlan
+
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
+    "SPECIAL_EXIT",
+}
+
+
+def _sbatch_memory(mem_gb: float | None) -> str | None:
+    if mem_gb is None:
+        return None
+    return f"{int(mem_gb)}G" if float(mem_gb).is_integer() else f"{round(mem_gb * 1024)}M"
+
+
+def sbatch_parameters(
+    settings: SlurmSettings, job_name: str, dependency: str | None
+) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters: one task per node, USR2 signal_delay_s before the end."""
+    extra: dict[str, Any] = {}
+    for flag in settings.sbatch_flags:
+        key, has_value, value = flag[2:].partition("=")
+        extra[key] = value if has_value else True
+    extra.setdefault("requeue", True)  # the job may be requeued after a stop with a checkpoint
+    parameters: dict[str, Any] = dict(
+        job_name=job_name,
+        nodes=settings.nodes,
+        ntasks_per_node=1,
+        time=parse_time_minutes(settings.time),
+        signal_delay_s=settings.signal_delay_s,
+        setup=[
+            *(f"export {name}={shlex.quote(str(value))}" for name, value in settings.env.items()),
+            *settings.setup,
+        ],
+    )
+    if dependency:
+        parameters["dependency"] = dependency
+        extra["kill-on-invalid-dep"] = "yes"  # a failed training cancels its evaluation
+    optional = dict(
+        gpus_per_node=settings.gpus_per_node or None,
+        cpus_per_task=settings.cpus_per_task,
+        mem=_sbatch_memory(settings.mem_gb),
+        partition=settings.partition,
+        account=settings.account,
+        qos=settings.qos,
+        constraint=settings.constraint,
+    )
+    parameters.update({key: value for key, value in optional.items() if value is not None})
+    parameters["additional_parameters"] = extra
+    return parameters
+
+
+class _RenderOnlySlurmExecutor(submitit.SlurmExecutor):
+    @classmethod
+    def affinity(cls) -> int:  # skip the "is srun installed" check; never submits
+        return 1
+
+
+def make_executor(
+    folder: Path, parameters: dict[str, Any], max_requeues: int, *, render_only: bool = False
+) -> submitit.SlurmExecutor:
+    """submitit's SLURM executor. SlurmExecutor rather than AutoExecutor: we only ever target
+    SLURM, and a dry run must render the sbatch file where srun is missing (render_only)."""
+    # max_num_timeout bounds submitit's own requeues (LaunchJob.checkpoint, before __call__ runs).
+    executor = (_RenderOnlySlurmExecutor if render_only else submitit.SlurmExecutor)(
+        folder=folder, max_num_timeout=max_requeues
+    )
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def sbatch_text(executor: submitit.SlurmExecutor) -> str:
+    """The sbatch file submitit writes for this executor (its own renderer)."""
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    title: str
+    folder: Path
+
+    def log_paths(self, nodes: int) -> list[Path]:
+        folder = Path(str(self.folder).replace("%j", self.job_id))
+        return [
+            folder / f"{self.job_id}_{rank}_log.{ext}"
+            for rank in range(nodes)
+            for ext in ("out", "err")
+        ]
+
+
+def submit(plan: SubmissionPlan) -> list[Submitted]:
+    s = plan.settings
+    executor = make_executor(plan.folder, sbatch_parameters(s, s.job_name, None), s.max_requeues)
+    train = executor.submit(plan.train)
+    submitted = [Submitted(train.job_id, "training", plan.folder)]
+    if plan.evaluate is not None:
+        eval_executor = make_executor(
+            plan.folder, sbatch_parameters(s, f"{s.job_name}-eval", f"afterok:{train.job_id}"), 0
+        )
+        evaluate = eval_executor.submit(plan.evaluate)
+        submitted.append(
+            Submitted(
+                evaluate.job_id, f"evaluation (after job {train.job_id} succeeds)", plan.folder
+            )
+        )
+    return submitted
+
+
+def _final_state(job_id: str) -> dict[str, str]:
+    shown = job_fields(job_id)
+    if shown is not None:
+        return shown
+    # Purged from the controller (MinJobAge): ask accounting.
+    found = subprocess.run(
+        ["sacct", "-j", job_id, "-o", "JobID,State", "--parsable2", "-n"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.splitlines()
+    states = [line.split("|")[1].split()[0] for line in found if line.split("|")[0] == job_id]
+    return {"JobState": states[-1] if states else "UNKNOWN"}
+
+
+def wait(submitted: list[Submitted], poll_s: float = 2.0) -> bool:
+    """Block until every job ended; print state changes and a summary. True if all completed."""
+    began = time.monotonic()
+    last: dict[str, tuple[str, str]] = {}
+    ended: dict[str, dict[str, str]] = {}
+    while len(ended) < len(submitted):
+        for job in submitted:
+            if job.job_id in ended:
+                continue
+            info = _final_state(job.job_id)
+            state = info.get("JobState", "UNKNOWN")
+            key = (state, info.get("Restarts", "0"))
+            if last.get(job.job_id) != key:
+                last[job.job_id] = key
+                print(
+                    f"[{time.monotonic() - began:6.1f} s] job {job.job_id} ({job.title}): {state}"
+                    f"{', requeued ' + key[1] + ' time(s)' if key[1] != '0' else ''}",
+                    flush=True,
+                )
+            if state in TERMINAL_STATES:
+                ended[job.job_id] = {**info, "wall_s": f"{time.monotonic() - began:.1f}"}
+        if len(ended) < len(submitted):
+            time.sleep(poll_s)
+    ok = True
+    for job in submitted:
+        info = ended[job.job_id]
+        ok &= info["JobState"] == "COMPLETED"
+        print(
+            f"job {job.job_id} ({job.title}): {info['JobState']}, exit {info.get('ExitCode', '?')}, "
+            f"requeued {info.get('Restarts', '?')} time(s), run time of the last run "
+            f"{info.get('RunTime', '?')}, {info['wall_s']} s since submission",
+            flush=True,
+        )
+        if info["JobState"] != "COMPLETED":
+            folder = Path(str(job.folder).replace("%j", job.job_id))
+            print(
+                f"  why: {folder}/{job.job_id}_*_log.err (a dependent job is cancelled when its "
+                "predecessor fails)",
+                flush=True,
+            )
+    return ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,13 @@ def recipe_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_command(
     script: str, args: list[str], *, launch: str | None = None, nproc: int = 1, wrapper: bool = True
 ) -> list[str]:
@@ -38,12 +46,16 @@ def launch_command(
         if wrapper
         else [sys.executable, "-m", "accelerate.commands.launch"]
     )
+    # A free rendezvous port per launch: two launches on one machine (tests run side by side,
+    # or beside a developer's run) would otherwise both take accelerate's default 29500.
+    port = ["--main_process_port", str(free_port())] if nproc > 1 else []
     return [
         *launcher,
         "--config_file",
         str(REPO / "launch" / f"{launch}.yaml"),
         "--num_processes",
         str(nproc),
+        *port,
         str(REPO / script),
         *args,
     ]

@@ -86,7 +86,7 @@ def job_ids(result: subprocess.CompletedProcess) -> list[str]:
 def log(settings: Path, job_id: str, node: int, stream: str = "out") -> str:
     folder = Path(yaml.safe_load(settings.read_text())["folder"].replace("%j", job_id))
     path = folder / f"{job_id}_{node}_log.{stream}"
-    return path.read_text() if path.exists() else ""
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def submitter_lines(text: str) -> list[tuple[float, str]]:
@@ -344,13 +344,13 @@ def test_train_sbatch_requeues_itself_and_evaluate_sbatch_follows(
     )
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (out / "metrics.jsonl").exists() or max(train_losses(out) or [0]) < 2:
-        assert time.monotonic() < deadline, train_log.read_text()
+        assert time.monotonic() < deadline, train_log.read_text(errors="replace")
         state = (job_fields(job_id) or {}).get("JobState")
-        assert state not in TERMINAL_STATES, train_log.read_text()
+        assert state not in TERMINAL_STATES, train_log.read_text(errors="replace")
         time.sleep(0.1)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
     fields = wait_until_ended(job_id)
-    text = train_log.read_text()
+    text = train_log.read_text(errors="replace")
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
     assert "-m clustertune.launch --deepspeed_multinode_launcher standard" in text, text
     assert re.search(rf"checkpoint saved and stopped; requeued job {job_id} \(requeue 1 of", text)
@@ -368,7 +368,7 @@ def test_train_sbatch_requeues_itself_and_evaluate_sbatch_follows(
         PROCESSES_PER_NODE="1",
     )
     fields = wait_until_ended(eval_id)
-    assert fields["JobState"] == "COMPLETED", (fields, eval_log.read_text())
-    assert "--num_machines 2" in eval_log.read_text()
+    assert fields["JobState"] == "COMPLETED", (fields, eval_log.read_text(errors="replace"))
+    assert "--num_machines 2" in eval_log.read_text(errors="replace")
     rouge = json.loads((out / "eval/rouge.json").read_text())
     assert {"rouge1", "rougeL"} <= rouge.keys()

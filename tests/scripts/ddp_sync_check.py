@@ -1,5 +1,5 @@
 """Run under `accelerate launch --config_file launch/ddp.yaml --num_processes 2`: checks that
-the accelerator clustertune builds really synchronises gradients (PITFALLS: on a CPU-only
+the accelerator clustertune builds really synchronises gradients (on a CPU-only
 machine a MULTI_GPU launch file otherwise trains each rank alone, silently)."""
 
 import torch
@@ -25,3 +25,7 @@ if accelerator.is_main_process:
         f"distributed_type={accelerator.distributed_type} num_processes={accelerator.num_processes}"
     )
     print(f"max_param_difference={float((gathered[0] - gathered[1]).abs().max())}")
+# Leave the process group cleanly: exiting with gloo's threads still running can end the
+# process in std::terminate ("terminate called without an active exception", SIGABRT).
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()

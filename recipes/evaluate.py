@@ -14,6 +14,7 @@ Exit codes: 0 done, 2 bad config or input (one line on stderr says which and how
 
 import sys
 
+import clustertune.quiet  # noqa: F401  (first: silences known-harmless library warnings)
 from clustertune.errors import exit_on_user_error
 from clustertune.evaluation import EvaluateConfig, Evaluator, compare_main
 

@@ -10,6 +10,7 @@ saving a checkpoint (requeue and rerun the same command to continue).
 
 import sys
 
+import clustertune.quiet  # noqa: F401  (first: silences known-harmless library warnings)
 from clustertune.config import FinetuneConfig, parse_config
 from clustertune.errors import exit_on_user_error
 from clustertune.stop import StopForRequeue, exit_code_after_stop

@@ -15,10 +15,17 @@ a checkpoint together and exit. torchrun reports that as a failed worker; the wo
 status file tells the wrapper it was a clean stop, and it exits with EXIT_REQUEUE (75).
 If the wrapper itself dies, PR_SET_PDEATHSIG sends the launcher SIGTERM, which torchrun
 forwards, so no worker is left running unobserved.
+
+After a user error the workers' one line is the whole story: torchrun's failure report
+(ChildFailedError traceback, "failed (exitcode: 2)") only repeats it as a crash. The launcher
+process is therefore accelerate launch run in-process by `launcher_main`, which drops that
+report once the status file says "user_error" and passes everything else through untouched
+(its output is not piped, so a normal run's output stays live).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -61,7 +68,7 @@ def run(accelerate_args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="clustertune-launch-") as scratch:
         status_file = Path(scratch) / "status"
         env = dict(os.environ, **{STATUS_FILE_ENV: str(status_file)})
-        command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args]
+        command = [sys.executable, "-c", LAUNCHER_MAIN, *accelerate_args]
         launcher = subprocess.Popen(
             command, env=env, start_new_session=True, preexec_fn=launcher_preexec
         )
@@ -90,6 +97,47 @@ def run(accelerate_args: list[str]) -> int:
             )
             return EXIT_REQUEUE
         return code if code >= 0 else 128 - code
+
+
+# The launcher process: `python -m accelerate.commands.launch ARGS`, through launcher_main.
+LAUNCHER_MAIN = "from clustertune.launch import launcher_main; launcher_main()"
+
+
+class DropAfterUserError(logging.Filter):
+    """Drop torchrun's records once a worker has reported a user error in the status file.
+    Workers write the status before they exit, so it is there when torchrun logs the exit."""
+
+    def __init__(self, status_file: Path) -> None:
+        super().__init__()
+        self.status_file = status_file
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return read_status(self.status_file) != STATUS_USER_ERROR
+
+
+def launcher_main() -> None:
+    """`accelerate launch` (sys.argv[1:]) in this process, without torchrun's failure report
+    after a user error; any other failure is reported exactly as accelerate launch does."""
+    import clustertune.quiet  # noqa: F401  (before accelerate imports DeepSpeed)
+
+    status_file = Path(os.environ[STATUS_FILE_ENV])
+    import torch.distributed.run  # noqa: F401  (creates torchrun's loggers)
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    # torchrun logs through one logger per module (torch.distributed.elastic.*, .launcher.*,
+    # .run); a logger filter applies to its own records only, so each gets one.
+    drop = DropAfterUserError(status_file)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).addFilter(drop)
+    try:
+        launch_command(launch_command_parser().parse_args())
+    except Exception:
+        # ChildFailedError (torchrun) or CalledProcessError (a one-process launch): after a
+        # user error the worker has printed the line; run() turns the status into exit 2.
+        if read_status(status_file) == STATUS_USER_ERROR:
+            sys.exit(EXIT_USER_ERROR)
+        raise
 
 
 def main() -> None:

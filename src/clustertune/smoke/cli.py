@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
         help="where to build them (default: $CLUSTERTUNE_CACHE or ~/.cache/clustertune)",
     )
     args = parser.parse_args(argv)
+    import clustertune.quiet  # noqa: F401  (building imports DeepSpeed: no "accelerator CPU" note)
+
     # stdout carries only the key=path lines a Makefile reads; libraries imported while
     # building (DeepSpeed's accelerator probe) print there, so send them to stderr.
     with contextlib.redirect_stdout(sys.stderr):

@@ -74,27 +74,9 @@ def load_tokenizer(kind: str, texts: Iterable[str]) -> tuple[Any, str]:
 
 def build_t5(shape: str, tokenizer: Any, seed: int) -> Any:
     """A randomly initialised T5 of `shape`; the same `seed` gives the same weights."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    from clustertune.smoke.assets import flan_style_t5
 
-    dims = {"vocab_size": len(tokenizer), **SHAPES[shape]}
-    config = T5Config(
-        **dims,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config)
-    # transformers 5 ties T5's head to the embeddings at init; FLAN-T5 has its own head (and
-    # its own Adam state for it), so give it one, as clustertune.smoke.build_tiny_t5 does: std
-    # d_model**-0.5 puts the initial loss at ~ln(vocab), not ~80 (untied T5 does not rescale).
-    if model.lm_head.weight is model.shared.weight:
-        head = torch.empty_like(model.shared.weight).normal_(std=config.d_model**-0.5)
-        model.lm_head.weight = torch.nn.Parameter(head)
-    return model
+    return flan_style_t5(tokenizer, SHAPES[shape], seed)
 
 
 def machine(device: torch.device) -> dict[str, Any]:

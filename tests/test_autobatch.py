@@ -122,11 +122,14 @@ def test_two_ranks_agree_on_the_smaller_size_under_deepspeed(launch, smoke_asset
         and "grad_accum_steps 2 for global_batch_size 8" in result.stdout
     )
     if launch == "zero2":
-        # a restart with the same output_dir and settings reads the cache instead of searching
+        # a restart with the same output_dir and memory settings reads the cache instead of
+        # searching (extending a finished run is a settings change: allow_config_change)
         again = run(
             launch_command(
                 "recipes/finetune.py",
-                auto_args(smoke_assets, out, **{"train.max_steps": 4}),
+                auto_args(
+                    smoke_assets, out, **{"train.max_steps": 4, "allow_config_change": "true"}
+                ),
                 launch=launch,
                 nproc=2,
             ),

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-from clustertune.distributed import (
+from clustertune.deepspeed_config import (
     HIDDEN_SIZE_KEYS,
     fill_deepspeed_config,
     fill_hidden_size_autos,

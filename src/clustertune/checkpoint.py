@@ -83,6 +83,31 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def restore_schedule_position(scheduler: Any, saved: dict[str, Any]) -> None:
+    """Continue the LR schedule this launch built, at the checkpoint's step.
+
+    `LambdaLR.load_state_dict` would also restore `base_lrs` and the multiplier's own
+    attributes (our WarmupDecay is a callable object, so its total_steps is in the state):
+    a run extended from 50 to 60 steps would keep decaying to 0 at step 50 and train its last
+    10 steps at learning rate 0. Only the position (steps taken) is the checkpoint's; the
+    schedule's shape is the config's. With unchanged settings both give the same values, so an
+    exact resume stays exact. The optimizer state loaded before holds the old schedule's lr in
+    its param groups; it is replaced by the new schedule's value at this step.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.load_state_dict(saved)  # a schedule we did not build keeps its own rules
+        return
+    scheduler.last_epoch = saved["last_epoch"]
+    scheduler._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+    lrs = [
+        base_lr * multiplier(scheduler.last_epoch)
+        for base_lr, multiplier in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class Checkpointer:
     def __init__(self, output_dir: Path, accelerator: Any, keep_last: int) -> None:
         self.root = Path(output_dir) / "checkpoints"
@@ -166,7 +191,7 @@ class Checkpointer:
             optimizer.load_state_dict(
                 torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             )
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        restore_schedule_position(scheduler, torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng_rank{accel.process_index}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

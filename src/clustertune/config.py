@@ -16,7 +16,7 @@ import string
 import sys
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -87,6 +87,79 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
+def _stray_brace(template: str) -> tuple[str, int] | None:
+    """(brace, position) of the first brace that is neither doubled nor closes a placeholder.
+    str.format's own error ("Single '}' encountered") says neither which brace nor where."""
+    position = 0
+    while position < len(template):
+        char = template[position]
+        if template[position : position + 2] in ("{{", "}}"):
+            position += 2
+        elif char == "{":
+            close = template.find("}", position)
+            reopen = template.find("{", position + 1)
+            if close < 0 or 0 <= reopen < close:  # never closed, or another opens first
+                return "{", position
+            position = close + 1
+        elif char == "}":
+            return "}", position
+        else:
+            position += 1
+    return None
+
+
+def check_prompt_template(template: str, key: str = "data.prompt_template") -> None:
+    """Refuse what str.format would fail on (or read wrongly) inside datasets.map: a stray
+    brace, a positional {} or {0}, and braces around something that is not a column name
+    (e.g. a literal JSON example {"summary": ...}, which needs doubled braces)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:
+        stray = _stray_brace(template)
+        if stray is None:
+            raise UserError(f"{key} is not a valid format string ({error}).") from None
+        brace, position = stray
+        context = template[max(0, position - 15) : position + 15].replace("\n", " ")
+        raise UserError(
+            f"{key} has a stray '{brace}' at character {position + 1} (...{context}...); "
+            "write a literal brace doubled, '{{' or '}}', and placeholders as {column}."
+        ) from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        placeholder = "{" + name + (f"!{conversion}" if conversion else "")
+        placeholder += (f":{spec}" if spec else "") + "}"
+        if name == "" or name.isdigit():
+            raise UserError(
+                f"{key} has a positional placeholder '{placeholder}'; name the column instead, "
+                "e.g. {dialogue}."
+            )
+        if not name.isidentifier():
+            raise UserError(
+                f"{key}: '{placeholder}' is not a column placeholder (those are bare column names, "
+                f"e.g. {{dialogue}}); to write literal braces, double them: '{{{placeholder}}}'."
+            )
+
+
+def at_least(key: str, value: float, minimum: float, meaning: str = "") -> None:
+    """`meaning`: what the smallest values do, e.g. "0 saves only when stopped by a signal"."""
+    if value < minimum:
+        raise UserError(
+            f"{key}={value} must be at least {minimum}" + (f" ({meaning})." if meaning else ".")
+        )
+
+
+def in_range(key: str, value: float, low: float, high: float, *, example: float) -> None:
+    """low <= value < high: the message names the interval and a typical value."""
+    if not low <= value < high:
+        raise UserError(f"{key}={value} must be in [{low}, {high}), e.g. {example}.")
+
+
+def positive(key: str, value: float, example: float) -> None:
+    if not value > 0:
+        raise UserError(f"{key}={value} must be greater than 0, e.g. {example}.")
+
+
 @dataclass
 class ModelConfig(Validated):
     SECTION: ClassVar[str] = "model"
@@ -98,6 +171,10 @@ class ModelConfig(Validated):
     dtype: Precision = "auto"
     # Recompute activations in backward: ~30% slower, activation memory O(layers) -> O(1).
     gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.dropout is not None:
+            in_range("model.dropout", self.dropout, 0, 1, example=0.1)
 
 
 @dataclass
@@ -130,13 +207,30 @@ class DataConfig(Validated):
     length_group_size: int = 50
     # Processes for tokenisation with datasets.map (results are cached by datasets).
     num_proc: int = 1
+    # Rows whose text (prompt columns, target) is null, missing, empty or not a string:
+    # false refuses the data naming the first such row; true skips them and says how many.
+    skip_invalid_rows: bool = False
 
     def validate(self) -> None:
-        if self.source_column not in template_fields(self.prompt_template):
+        check_prompt_template(self.prompt_template)
+        check_source_placeholder(self.prompt_template, self.source_column)
+        at_least("data.max_source_length", self.max_source_length, 1)
+        at_least("data.max_target_length", self.max_target_length, 1)
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
             raise UserError(
-                f"data.prompt_template has no {{{self.source_column}}} placeholder for "
-                f"data.source_column='{self.source_column}'; add it to the template."
+                f"data.max_eval_examples={self.max_eval_examples} leaves an empty eval set; "
+                "use a positive number, or null for all."
             )
+        at_least("data.length_group_size", self.length_group_size, 1)
+        at_least("data.num_proc", self.num_proc, 1)
+
+
+def check_source_placeholder(template: str, source_column: str) -> None:
+    if source_column not in template_fields(template):
+        raise UserError(
+            f"data.prompt_template has no {{{source_column}}} placeholder for "
+            f"data.source_column='{source_column}'; add it to the template."
+        )
 
 
 @dataclass
@@ -180,6 +274,48 @@ class TrainConfig(Validated):
     def validate(self) -> None:
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise UserError("set train.max_steps or train.num_epochs to a positive number.")
+        in_range("train.auto_batch_margin", self.auto_batch_margin, 0, 1, example=0.1)
+        positive("train.learning_rate", self.learning_rate, example=1e-5)
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        at_least("train.weight_decay", self.weight_decay, 0)
+        at_least("train.max_grad_norm", self.max_grad_norm, 0)
+        at_least(
+            "train.eval_every_steps", self.eval_every_steps, 0, "0: only before and after training"
+        )
+        at_least("train.log_every_steps", self.log_every_steps, 1)
+        in_range("train.adam_beta1", self.adam_beta1, 0, 1, example=0.9)
+        in_range("train.adam_beta2", self.adam_beta2, 0, 1, example=0.999)
+        positive("train.adam_epsilon", self.adam_epsilon, example=1e-8)
+        for tracker in self.report_to:
+            check_tracker_name(tracker)
+
+    def check_trackers_installed(self) -> None:
+        """Refuse a tracker whose package is missing (accelerate would only warn and run
+        without it). Not part of validate(): a run's config.yaml stays readable on a machine
+        without that package (evaluation reads it)."""
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(tracker) for tracker in get_available_trackers()}
+        for tracker in self.report_to:
+            if tracker != "all" and tracker not in available:
+                raise UserError(
+                    f"train.report_to: the {tracker} tracker needs the '{tracker}' package, which "
+                    f"is not installed; pip install {tracker}, or remove it from train.report_to."
+                )
+
+
+def check_tracker_name(tracker: str) -> None:
+    """A name accelerate knows (its LoggerType), else the nearest one: accelerate itself
+    fails on an unknown name only when the Accelerator is built, after compute has started."""
+    from accelerate.utils import LoggerType
+
+    names = LoggerType.list()
+    if tracker not in names:
+        close = difflib.get_close_matches(tracker, names, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(
+            f"train.report_to: unknown tracker '{tracker}'; {hint}(choices: {', '.join(names)})."
+        )
 
 
 @dataclass
@@ -199,6 +335,11 @@ class PeftConfig(Validated):
     # Also write final/merged/: the base model with the adapter merged in.
     merge_on_save: bool = False
 
+    def validate(self) -> None:
+        at_least("peft.r", self.r, 1)
+        positive("peft.alpha", self.alpha, example=32)
+        in_range("peft.dropout", self.dropout, 0, 1, example=0.05)
+
 
 @dataclass
 class CheckpointConfig(Validated):
@@ -208,6 +349,10 @@ class CheckpointConfig(Validated):
     every_steps: int = 0
     # Complete checkpoints kept; older ones are pruned after a new one is complete.
     keep_last: int = 2
+
+    def validate(self) -> None:
+        at_least("checkpoint.every_steps", self.every_steps, 0, "0: only when stopped by a signal")
+        at_least("checkpoint.keep_last", self.keep_last, 1)
 
 
 @dataclass
@@ -277,10 +422,45 @@ def _quote_string_values(cls: type, overrides: list[str]) -> list[str]:
     return out
 
 
-def _unknown_key_error(key: str, valid: list[str], where: str) -> UserError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+def _unknown_key_error(
+    key: str, paths: Mapping[str, bool] | Sequence[str], where: str
+) -> UserError:
+    """`paths`: every dotted key -> whether it is a section (or just the valid keys). A
+    misspelled section (`trian:` in YAML, `--trian.max_steps`) is matched as a section, so
+    its keys are suggested under the section it was meant to be."""
+    if not isinstance(paths, Mapping):
+        paths = dict.fromkeys(paths, False)
+    sections = [k for k, is_section in paths.items() if is_section]
+    section, dot, rest = key.rpartition(".")
+    close: list[str] = []
+    if dot and section not in paths:
+        nearest = difflib.get_close_matches(section, sections, n=1, cutoff=0.5)
+        if nearest and f"{nearest[0]}.{rest}" in paths:
+            close = [f"{nearest[0]}.{rest}"]
+        elif nearest:
+            close = nearest
+    if not close:
+        leaves = [k for k, is_section in paths.items() if not is_section]
+        close = difflib.get_close_matches(key, [*leaves, *sections], n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "see --help for the valid keys."
     return UserError(f"unknown config key '{key}' in {where}; {hint}")
+
+
+def _check_list_values(cls: type, values: dict[str, Any], where: str) -> None:
+    """A list key given a plain string: draccus's error is two lines about list parsing."""
+    hints = _leaf_hints(cls)
+    for key, value in values.items():
+        if get_origin(hints.get(key)) is list and isinstance(value, str):
+            items = value.strip().strip("[]")
+            if where == "the command line":
+                if value.strip().startswith("["):
+                    continue  # YAML flow syntax; draccus reads it
+                fix = f"--{key}=[{items}]"
+            else:
+                fix = (
+                    f"{key.rpartition('.')[2]}: [{', '.join(i.strip() for i in items.split(','))}]"
+                )
+            raise UserError(f"{key}={value!r} in {where} is not a list; write {fix}")
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -334,12 +514,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, overrides = _split_config_arg(argv)
     paths = dict(_field_paths(cls))
-    valid_leaves = [k for k, is_section in paths.items() if not is_section]
     file_values: dict[str, Any] = {}
     if config_path is not None:
         for key, value in _flatten(load_yaml_mapping(config_path)):
             if key not in paths:
-                raise _unknown_key_error(key, valid_leaves, f"config file '{config_path}'")
+                raise _unknown_key_error(key, paths, f"config file '{config_path}'")
             file_values[key] = value
     for arg in overrides:
         if arg in ("-h", "--help"):
@@ -348,9 +527,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
             continue  # a value of the previous flag (`--key value` form)
         key = arg[2:].split("=", 1)[0]
         if key not in paths:
-            raise _unknown_key_error(key, valid_leaves, "the command line")
+            raise _unknown_key_error(key, paths, "the command line")
     _check_choices(cls, file_values)
     _check_choices(cls, _override_values(overrides))
+    _check_list_values(cls, file_values, f"config file '{config_path}'")
+    _check_list_values(cls, _override_values(overrides), "the command line")
     overrides = _quote_string_values(cls, overrides)
     try:
         return draccus.parse(cls, config_path=config_path, args=overrides)
@@ -359,6 +540,12 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
         if cause is not None:
             raise cause from None
         raise UserError(f"invalid config value: {error}") from None
+    except draccus.utils.ParsingError as error:  # a dataclass refused its values
+        cause = _user_error_cause(error)
+        if cause is not None:
+            raise cause from None
+        reason = error.__cause__ or error
+        raise UserError(f"invalid config value: {str(reason).splitlines()[0]}") from None
     except yaml.YAMLError as error:  # draccus reads values as YAML: "a: b" needs quoting
         raise UserError(
             f"a command-line value is not valid YAML ({str(error).splitlines()[0]}); quote values that "

@@ -1,19 +1,17 @@
-"""The Accelerator, DeepSpeed config filling, and the two ways an optimizer step is driven."""
+"""The launch as the processes see it (world size, the DeepSpeed JSON named by the launch
+file), the process group, the Accelerator, and the two ways an optimizer step is driven.
+The DeepSpeed JSON itself is clustertune.deepspeed_config (filling) and deepspeed_check."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from clustertune.errors import UserError
 
 
 def launched_world_size() -> int:
@@ -27,91 +25,6 @@ def deepspeed_config_path() -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
     return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
-
-
-def _set_dotted(config: dict, dotted: str, value: Any) -> None:
-    node = config
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
-
-
-def _autos(config: Any, prefix: str = "") -> list[str]:
-    if isinstance(config, dict):
-        return [k for key, value in config.items() for k in _autos(value, f"{prefix}{key}.")]
-    return [prefix[:-1]] if config == "auto" else []
-
-
-# Filled by accelerate from model.config.hidden_size when the model is prepared.
-HIDDEN_SIZE_KEYS = {
-    "zero_optimization.reduce_bucket_size",
-    "zero_optimization.stage3_prefetch_bucket_size",
-    "zero_optimization.stage3_param_persistence_threshold",
-}
-
-
-def fill_deepspeed_config(
-    raw: dict,
-    *,
-    micro_batch_size: int,
-    grad_accum_steps: int,
-    world_size: int,
-    max_grad_norm: float,
-    dtype: str,
-) -> dict:
-    """Replace every "auto" with the value the training config owns; no value lives twice.
-
-    train_batch_size = micro_batch_size x grad_accum_steps x world_size (DeepSpeed asserts it).
-    """
-    config = copy.deepcopy(raw)
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise UserError(
-                f"the DeepSpeed config defines '{key}'; remove it: the training config owns the "
-                "optimizer (train.learning_rate, ...) and the schedule (train.lr_schedule)."
-            )
-    owned = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
-        "gradient_clipping": max_grad_norm,
-        "bf16.enabled": dtype == "bf16",
-        "fp16.enabled": dtype == "fp16",
-    }
-    for dotted, value in owned.items():
-        _set_dotted(config, dotted, value)
-    leftover = [key for key in _autos(config) if key not in HIDDEN_SIZE_KEYS]
-    if leftover:
-        raise UserError(
-            f"the DeepSpeed config has 'auto' for {leftover}, which no training setting owns; give numbers."
-        )
-    return config
-
-
-def zero_stage(ds_config: dict | None) -> int:
-    if ds_config is None:
-        return 0
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(ds_config: dict | None) -> bool:
-    device = (
-        (ds_config or {})
-        .get("zero_optimization", {})
-        .get("offload_optimizer", {})
-        .get("device", "none")
-    )
-    return device not in (None, "none")
-
-
-def load_deepspeed_json(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(
-            f"cannot read the DeepSpeed config '{path}' named by the launch file: {error}"
-        ) from None
 
 
 def init_process_state(use_deepspeed: bool) -> Any:
@@ -144,21 +57,6 @@ def all_ranks_agree(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], device=PartialState().device, dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def fill_hidden_size_autos(ds_config: dict, model_config: Any) -> dict:
-    """Bucket sizes from the model width, as accelerate does when it prepares a model."""
-    hidden = getattr(model_config, "hidden_size", None) or model_config.d_model
-    zero = ds_config.get("zero_optimization", {})
-    sizes = {
-        "reduce_bucket_size": hidden * hidden,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-        "stage3_param_persistence_threshold": 10 * hidden,
-    }
-    for key, value in sizes.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-    return ds_config
 
 
 STALE_LOCK_SECONDS = 600  # a DeepSpeed op JIT build takes ~1.5 min on 2 CPU cores
@@ -227,6 +125,8 @@ def build_accelerator(
     if ds_config is not None:
         # Under ZeRO-3 the plugin's HfDeepSpeedConfig makes from_pretrained build the model
         # already partitioned (zero.Init); modeling.build_model opts out where that is wrong.
+        from clustertune.deepspeed_config import zero_stage  # (it imports this module)
+
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage(ds_config) == 3)
         kwargs["deepspeed_plugin"] = plugin
         kwargs["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
@@ -236,14 +136,16 @@ def build_accelerator(
 
 
 class DeepSpeedStepper:
-    """Under DeepSpeed the engine owns accumulation, clipping and the optimizer step; the LR
-    schedule is ours (accelerate hands only DeepSpeed's own schedulers to the engine).
+    """Under DeepSpeed the engine owns accumulation, clipping and the optimizer step. The LR
+    schedule is ours (a LambdaLR stepped here), unless the DeepSpeed JSON names a scheduler:
+    the engine then builds it and steps it inside engine.step() at the accumulation boundary,
+    and `scheduler` is None here so that no second schedule moves the learning rate.
 
     engine.backward divides the loss by grad_accum_steps and the engine averages gradients
     over ranks, so the caller's loss is pre-multiplied by both (see loss_multiplier).
     """
 
-    def __init__(self, engine: Any, scheduler: Any) -> None:
+    def __init__(self, engine: Any, scheduler: Any | None) -> None:
         self.engine, self.scheduler = engine, scheduler
 
     def micro_step(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
@@ -255,7 +157,8 @@ class DeepSpeedStepper:
         self.engine.step()  # a no-op except at the accumulation boundary
 
     def optimizer_step(self) -> float:
-        self.scheduler.step()  # once per optimizer step, after the engine's boundary step
+        if self.scheduler is not None:
+            self.scheduler.step()  # once per optimizer step, after the engine's boundary step
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

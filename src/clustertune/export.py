@@ -58,3 +58,14 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the complete folder `new` in place of `final`; the previous `final` is kept (as
+    .<name>.old next to it) until the new one is in place, so a kill never leaves neither."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)

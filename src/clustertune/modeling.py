@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +33,73 @@ def _explain_load_error(name: str, error: Exception) -> UserError:
     )
 
 
+def _is_local_path(name: str) -> bool:
+    """Whether `name` means a folder on this machine rather than a hub id ("org/model").
+    The hub client treats every non-existing path as a repo id and answers "Repo id must
+    be in the form ...", which tells a user with a typo in a path nothing."""
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") >= 2:
+        return True
+    return "/" in name and path.parent.is_dir()  # "outputs/run_a" where outputs/ is here
+
+
+def _adapter_base(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_folder(name: str) -> None:
+    """For a local model.name_or_path: refuse what from_pretrained would misreport (a missing
+    path, a file, an empty folder, a LoRA adapter, a training output_dir) with the fix."""
+    if not _is_local_path(name):
+        return
+    folder = Path(name).expanduser()
+    from clustertune.smoke import missing_smoke_asset_hint
+
+    smoke_hint = missing_smoke_asset_hint(name)
+    if not folder.exists():
+        fix = smoke_hint or (
+            "give a model folder (config.json and weights, as save_pretrained writes them) or a "
+            "hub id such as google/flan-t5-base."
+        )
+        raise UserError(f"model.name_or_path: cannot load '{name}': it does not exist; {fix}")
+    if not folder.is_dir():
+        raise UserError(
+            f"model.name_or_path: cannot load '{name}': it is a file; give the folder holding "
+            "config.json and the weights."
+        )
+    if (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
+        base = _adapter_base(folder) or "the base model"
+        raise UserError(
+            f"model.name_or_path: cannot load '{name}': it is a LoRA adapter (adapter_config.json; "
+            f"base '{base}'), not a model: to evaluate it, set model.adapter_path={name} instead "
+            f"(the base is read from the adapter); to fine-tune, start from model.name_or_path={base}."
+        )
+    if (folder / "final" / "config.json").is_file() or (
+        folder / "final" / "adapter_config.json"
+    ).is_file():
+        raise UserError(
+            f"model.name_or_path: cannot load '{name}': it is a training output_dir; its model is "
+            f"'{folder / 'final'}' (to evaluate, run_dir={name} takes the model and prompt from it)."
+        )
+    what = "is empty" if not any(folder.iterdir()) else "has no config.json"
+    fix = (
+        smoke_hint
+        or "give the folder save_pretrained wrote (config.json and weights), or a hub id."
+    )
+    raise UserError(
+        f"model.name_or_path: cannot load '{name}': the folder {what}, so it holds no model; {fix}"
+    )
+
+
 def load_model_config(name: str) -> Any:
+    check_model_folder(name)
     try:
         return AutoConfig.from_pretrained(name)
     except Exception as error:  # OSError, ValueError, EnvironmentError from the hub client

@@ -1,8 +1,10 @@
-"""What one optimizer step minimises and how: the token-loss sum, AdamW, the LR schedule."""
+"""What one optimizer step minimises and how: the token-loss sum, AdamW (or the optimizer a
+DeepSpeed JSON names), the LR schedule."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +12,12 @@ import torch.nn.functional as F
 
 from clustertune.config import TrainConfig
 from clustertune.data import IGNORE_INDEX
-from clustertune.distributed import offloads_optimizer
+from clustertune.deepspeed_config import (
+    fill_optimizer_autos,
+    fill_scheduler_autos,
+    offloads_optimizer,
+)
+from clustertune.distributed import DDPStepper, DeepSpeedStepper
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -47,19 +54,31 @@ class WarmupDecay:
         return 1.0 - progress
 
 
-def build_optimizer(
-    model: torch.nn.Module, train_cfg: TrainConfig, ds_config: dict | None
-) -> torch.optim.Optimizer:
-    """AdamW without decay on biases and norms; DeepSpeed's CPU Adam under ZeRO-Offload."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: weight decay, and none on biases and norms."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if "bias" in name or "norm" in name.lower() else decay).append(parameter)
     groups = [
-        {"params": decay, "weight_decay": train_cfg.weight_decay},
+        {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    groups = [group for group in groups if group["params"]]  # ZeRO drops empty groups (LoRA)
+    return [group for group in groups if group["params"]]  # ZeRO drops empty groups (LoRA)
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, ds_config: dict | None) -> Any:
+    """AdamW without decay on biases and norms; DeepSpeed's CPU Adam under ZeRO-Offload.
+
+    When the DeepSpeed JSON names an optimizer, DeepSpeed builds that one: accelerate's
+    DummyOptim carries the parameter groups (so biases and norms still get no decay) to
+    deepspeed.initialize, and fill_optimizer_autos has put train.* into the JSON's params.
+    """
+    groups = parameter_groups(model, train_cfg.weight_decay)
+    if ds_config is not None and "optimizer" in ds_config:
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(groups, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     betas = (train_cfg.adam_beta1, train_cfg.adam_beta2)
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload wants its CPU Adam
@@ -83,3 +102,70 @@ def build_scheduler(
     # (accelerate's wrapper would step it num_processes times per call).
     schedule = WarmupDecay(train_cfg.warmup_steps, total_steps, train_cfg.lr_schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def prepare_optimization(
+    model: torch.nn.Module,
+    train_cfg: TrainConfig,
+    accelerator: Any,
+    *,
+    log: Callable[[str], None],
+    total_steps: int,
+) -> tuple[Any, Any, Any, DDPStepper | DeepSpeedStepper]:
+    """Optimizer, LR schedule and stepper for `model`, prepared by the Accelerator:
+    (model or DeepSpeed engine, optimizer, schedule, stepper).
+
+    Under DeepSpeed the JSON may name its own optimizer and/or scheduler (configs users bring
+    from the transformers guide): their "auto"s need train.* and the run length, known only
+    now, and are filled in the dict accelerate's plugin hands to deepspeed.initialize. Then
+    DeepSpeed builds what the JSON names; otherwise ours (AdamW + LambdaLR) is used.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    ds_config = plugin.deepspeed_config if plugin is not None else None
+    deepspeed_schedules = False
+    if ds_config is not None:
+        for note in [
+            *fill_optimizer_autos(ds_config, train_cfg),
+            *fill_scheduler_autos(ds_config, train_cfg, total_steps),
+        ]:
+            log(note)
+        deepspeed_schedules = "scheduler" in ds_config
+    optimizer = build_optimizer(model, train_cfg, ds_config)
+    if deepspeed_schedules:  # DeepSpeed builds the JSON's schedule; its engine steps it
+        from accelerate.utils import DummyScheduler
+
+        model, optimizer, scheduler = accelerator.prepare(
+            model, optimizer, DummyScheduler(optimizer)
+        )
+    elif isinstance(optimizer, torch.optim.Optimizer):  # ours, before DeepSpeed wraps it
+        scheduler = build_scheduler(optimizer, train_cfg, total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)  # ZeRO: the DeepSpeed engine
+    else:  # DeepSpeed builds the JSON's optimizer; our schedule drives the torch one inside
+        from deepspeed.runtime.lr_schedules import get_torch_optimizer
+
+        model, optimizer = accelerator.prepare(model, optimizer)
+        scheduler = build_scheduler(get_torch_optimizer(model.optimizer), train_cfg, total_steps)
+    if ds_config is not None:
+        stepper: DDPStepper | DeepSpeedStepper = DeepSpeedStepper(
+            model, None if deepspeed_schedules else scheduler
+        )
+    else:
+        stepper = DDPStepper(accelerator, model, optimizer, scheduler, train_cfg.max_grad_norm)
+    return model, optimizer, scheduler, stepper
+
+
+def schedule_change_note(
+    train_cfg: TrainConfig, *, previous_total: int, total_steps: int, next_step: int, next_lr: float
+) -> str:
+    """What the LR schedule becomes when a resume changes the total step count
+    (checkpoint.restore_schedule_position keeps this launch's schedule)."""
+    shape = (
+        "constant after warmup"
+        if train_cfg.lr_schedule == "constant"
+        else f"{train_cfg.lr_schedule} decay to 0 at step {total_steps}"
+    )
+    return (
+        f"allow_config_change=true: total steps {previous_total} -> {total_steps}; the LR "
+        f"schedule is rebuilt for {total_steps} steps (warmup {train_cfg.warmup_steps}, "
+        f"{shape}): step {next_step} trains at lr {next_lr:.4g} of peak {train_cfg.learning_rate:g}."
+    )

@@ -23,7 +23,8 @@ from clustertune.autobatch import (
 )
 from clustertune.config import FinetuneConfig
 from clustertune.data import IGNORE_INDEX, Collator
-from clustertune.distributed import all_ranks_agree, fill_hidden_size_autos
+from clustertune.deepspeed_config import fill_hidden_size_autos, fill_optimizer_autos
+from clustertune.distributed import all_ranks_agree
 from clustertune.modeling import build_model
 from clustertune.optim import build_optimizer, token_loss_sum
 from clustertune.runtime import Runtime
@@ -58,7 +59,6 @@ def training_probe(cfg: FinetuneConfig, runtime: Runtime) -> Callable[[int], Pro
 
     def build(micro_batch_size: int) -> ProbeSteps:
         model = build_model(cfg.model, cfg.peft, runtime.model_config)
-        optimizer = build_optimizer(model, cfg.train, runtime.deepspeed_template)
         if runtime.is_deepspeed:
             import deepspeed
 
@@ -68,13 +68,21 @@ def training_probe(cfg: FinetuneConfig, runtime: Runtime) -> Callable[[int], Pro
                 max_grad_norm=cfg.train.max_grad_norm,
             )
             ds_config = fill_hidden_size_autos(ds_config, runtime.model_config)
-            ds_config["zero_allow_untested_optimizer"] = True
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            fill_optimizer_autos(ds_config, cfg.train)  # the optimizer the run will build
+            ds_config.pop("scheduler", None)  # a schedule holds no memory; its length is unknown
+            optimizer = build_optimizer(model, cfg.train, ds_config)
+            if isinstance(optimizer, torch.optim.Optimizer):
+                ds_config["zero_allow_untested_optimizer"] = True
+                built = dict(optimizer=optimizer)
+            else:  # DummyOptim: DeepSpeed builds the JSON's optimizer from these groups
+                built = dict(model_parameters=optimizer.params)
+            engine, *_ = deepspeed.initialize(model=model, config=ds_config, **built)
 
             def forward_backward(batch: dict[str, torch.Tensor]) -> None:
                 engine.backward(token_loss_sum(engine, batch, kind) / batch["labels"].numel())
 
             return forward_backward, engine.step, engine.destroy
+        optimizer = build_optimizer(model, cfg.train, None)
         model.to(runtime.device)
 
         def local_forward_backward(batch: dict[str, torch.Tensor]) -> None:

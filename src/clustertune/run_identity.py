@@ -1,18 +1,31 @@
 """What makes a run the same run: its fingerprint, and the decisions taken from it.
 
 A run's folder holds checkpoints and, once finished, `final/` with FINAL_MARKER. Before any
-compute a new launch into that folder is checked against them: a finished run with the same
-settings has nothing to do; a checkpoint made with other settings (model, data, data order,
-global batch) is refused unless `allow_config_change=true`.
+compute a new launch into that folder is checked against what they record:
+
+- a finished run (FINAL_MARKER) with the same settings and step count has nothing to do;
+- a finished run with other settings (`fingerprint`) or another total step count is refused,
+  so that its `final/` and `metrics.jsonl` are never replaced by accident;
+- a checkpoint made with other settings or for another total step count is refused;
+
+each unless `allow_config_change=true`, which then says in the log what it does. Changing the
+total steps (train.max_steps / train.num_epochs) counts as a settings change because the LR
+schedule decays to 0 at the total it was built for (checkpoint.py restores only the schedule's
+position, so a resume with a new total follows the new schedule).
+
+`training_run_evidence` names what marks a folder as a training run's, so that another recipe
+(evaluation) can refuse to write into it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from clustertune.checkpoint import TRAINER_STATE, latest_checkpoint
+import yaml
+
+from clustertune.checkpoint import DEEPSPEED_TAG, MARKER, TRAINER_STATE, latest_checkpoint
 from clustertune.config import FinetuneConfig
 from clustertune.errors import UserError
 from clustertune.sampler import BATCH_PLAN_VERSION
@@ -40,6 +53,25 @@ FINGERPRINT_KEYS = (
     "train.global_batch_size",
 )
 
+# Settings that change which parameters are trained (their names and shapes): a checkpoint
+# made with other values holds parameters this model does not have, so no resume can use it.
+PARAMETER_KEYS = ("peft.method", "peft.r", "peft.target_modules")
+
+# The keys that set the total step count, which the LR schedule is built for. Recorded apart
+# from the fingerprint: with num_epochs the total also depends on the data's size.
+SCHEDULE_KEYS = ("train.max_steps", "train.num_epochs")
+
+# What evaluation with run_dir takes from a run (the eval key -> the training key), recorded
+# in the final marker: evaluation then prompts as final/ was trained, whatever config.yaml says.
+FINAL_PROMPT_KEYS = {
+    "source_column": "data.source_column",
+    "prompt_template": "data.prompt_template",
+    "max_source_length": "data.max_source_length",
+}
+
+# Top-level keys only a training config has (an evaluation config.yaml has none of them).
+_TRAINING_ONLY_KEYS = {"train", "peft", "checkpoint", "resume", "allow_config_change"}
+
 
 def _dotted_get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
@@ -62,13 +94,101 @@ def fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
     )
 
 
-def already_finished(cfg: FinetuneConfig, output_dir: Path, total_steps: int) -> bool:
-    """True when output_dir/final/ was written by a run with these settings and step count."""
+def final_prompt_settings(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The FINAL_PROMPT_KEYS values of this run, for the final marker."""
+    return {name: _dotted_get(cfg, key) for name, key in FINAL_PROMPT_KEYS.items()}
+
+
+def schedule_record(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The keys behind the total step count, recorded with every checkpoint and final/."""
+    return {key: _dotted_get(cfg, key) for key in SCHEDULE_KEYS}
+
+
+def changed_settings(
+    recorded: dict[str, Any], cfg: FinetuneConfig, total_steps: int
+) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded, now)} for every setting this launch changes against a checkpoint's
+    trainer_state.json or a final marker (which records its total as `step`)."""
+    saved, now = recorded.get("fingerprint", {}), fingerprint(cfg)
+    changes = {
+        key: (saved.get(key), now.get(key))
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    }
+    recorded_total = recorded.get("total_steps", recorded.get("step"))
+    if recorded_total is not None and recorded_total != total_steps:
+        recorded_schedule = recorded.get("schedule", {})
+        current_schedule = schedule_record(cfg)
+        keys = {
+            key: (recorded_schedule[key], current_schedule[key])
+            for key in SCHEDULE_KEYS
+            if key in recorded_schedule and recorded_schedule[key] != current_schedule[key]
+        }
+        # Not recorded (a run made before the schedule was), or the same keys over data of
+        # another size: name the total and the key it comes from now.
+        source = "train.max_steps" if cfg.train.max_steps > 0 else "train.num_epochs"
+        changes.update(keys or {f"total steps ({source})": (recorded_total, total_steps)})
+    return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+class FinishedRun(NamedTuple):
+    already_finished: bool  # final/ has these settings and step count: nothing to do
+    note: str | None = None  # with allow_config_change=true: what this launch does to final/
+
+
+def check_finished_run(cfg: FinetuneConfig, output_dir: Path, total_steps: int) -> FinishedRun:
+    """Decide against output_dir/final/ before any compute. A finished run with other settings
+    or another step count is refused, naming the keys that differ, unless allow_config_change
+    (then the note says what this launch does to it)."""
     marker = output_dir / "final" / FINAL_MARKER
     if cfg.resume == "never" or not marker.is_file():
-        return False
-    finished = json.loads(marker.read_text())
-    return finished.get("step") == total_steps and finished.get("fingerprint") == fingerprint(cfg)
+        return FinishedRun(already_finished=False)
+    changes = changed_settings(json.loads(marker.read_text()), cfg, total_steps)
+    if not changes:
+        return FinishedRun(already_finished=True)
+    resume_from = resume_path(cfg, output_dir)
+    _refuse_other_parameters(
+        resume_from, changes, what=f"output_dir '{output_dir}' holds a finished run that"
+    )
+    consequence = (
+        f"resumes from {resume_from} with the new settings"
+        if resume_from is not None
+        else "trains from step 0 with the new settings (metrics.jsonl starts over)"
+    )
+    if resume_from is not None and not set(changes) <= set(fingerprint(cfg)):
+        consequence += f" (the LR schedule rebuilt for {total_steps} steps)"
+    consequence += " and replaces final/ when it finishes"
+    if not cfg.allow_config_change:
+        raise UserError(
+            f"output_dir '{output_dir}' holds a finished run that was made with other settings "
+            f"({describe_changes(changes)}); use a new output_dir, or allow_config_change=true, "
+            f"which {consequence}."
+        )
+    return FinishedRun(
+        already_finished=False,
+        note=f"allow_config_change=true: the finished run in {output_dir} was made with other "
+        f"settings ({describe_changes(changes)}); this launch {consequence}.",
+    )
+
+
+def _refuse_other_parameters(
+    checkpoint: Path | None, changes: dict[str, tuple[Any, Any]], *, what: str
+) -> None:
+    """allow_config_change cannot continue a checkpoint whose trainable parameters differ.
+    `what` opens the message: the finished run or the checkpoint that was made otherwise."""
+    changed = [key for key in changes if key in PARAMETER_KEYS]
+    if checkpoint is None or not changed:
+        return
+    verb = "changes" if len(changed) == 1 else "change"
+    raise UserError(
+        f"{what} was made with other settings ({describe_changes(changes)}); "
+        f"{', '.join(changed)} {verb} the trainable parameters, so {checkpoint} cannot be "
+        "resumed, even with allow_config_change=true; use a new output_dir."
+    )
 
 
 def resume_path(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
@@ -80,18 +200,59 @@ def resume_path(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def check_resumable(
-    path: Path, cfg: FinetuneConfig, *, world_size: int, is_deepspeed: bool
-) -> None:
-    """Refuse a checkpoint made with other settings before any weights are loaded."""
-    state = json.loads((path / TRAINER_STATE).read_text())
-    saved, now = state["fingerprint"], fingerprint(cfg)
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed and not cfg.allow_config_change:
-        differences = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+def missing_checkpoint_files(path: Path, *, is_deepspeed: bool) -> list[str]:
+    """What a resume needs from a checkpoint folder and `path` lacks (our own layout,
+    checkpoint.Checkpointer.save; DeepSpeed's engine files live in one folder)."""
+    needed = [MARKER, TRAINER_STATE, "scheduler.pt"]
+    needed += (
+        [f"{DEEPSPEED_TAG}/"]
+        if is_deepspeed
+        else ["trainable_parameters.safetensors", "optimizer.pt"]
+    )
+    return [name for name in needed if not (path / name.rstrip("/")).exists()]
+
+
+def check_checkpoint_folder(path: Path, *, is_deepspeed: bool) -> None:
+    """Refuse a resume folder that is not a whole checkpoint, naming what is missing."""
+    if not path.is_dir():
         raise UserError(
-            f"the checkpoint in {path} was made with different settings ({differences}); "
-            "use a new output_dir, or allow_config_change=true to resume anyway."
+            f"resume='{path}' is not a folder; use auto, never, or a checkpoints/step_N path."
+        )
+    missing = missing_checkpoint_files(path, is_deepspeed=is_deepspeed)
+    if not missing:
+        return
+    made_by_deepspeed = (path / DEEPSPEED_TAG).is_dir()
+    if made_by_deepspeed != is_deepspeed and (
+        made_by_deepspeed or (path / "trainable_parameters.safetensors").is_file()
+    ):
+        made_with = (
+            "a DeepSpeed (ZeRO) launch" if made_by_deepspeed else "a launch without DeepSpeed"
+        )
+        raise UserError(
+            f"the checkpoint in {path} was made by {made_with}; resume it with the launch file "
+            "it was made with, or start a new output_dir."
+        )
+    raise UserError(
+        f"the checkpoint in {path} is incomplete: it lacks {', '.join(missing)} (a checkpoint "
+        "folder holds trainer_state.json and the model state); resume from another "
+        "checkpoints/step_N, or resume=auto for the newest complete one."
+    )
+
+
+def check_resumable(
+    path: Path, cfg: FinetuneConfig, *, total_steps: int, world_size: int, is_deepspeed: bool
+) -> str | None:
+    """Refuse a checkpoint made with other settings before any weights are loaded; with
+    allow_config_change=true return the log line that says what changed."""
+    check_checkpoint_folder(path, is_deepspeed=is_deepspeed)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    changes = changed_settings(state, cfg, total_steps)
+    _refuse_other_parameters(path, changes, what=f"the checkpoint in {path}")
+    if changes and not cfg.allow_config_change:
+        raise UserError(
+            f"the checkpoint in {path} was made with different settings "
+            f"({describe_changes(changes)}); use a new output_dir, or allow_config_change=true "
+            "to resume with the new settings."
         )
     if is_deepspeed and state["world_size"] != world_size:
         raise UserError(
@@ -99,3 +260,28 @@ def check_resumable(
             f"this launch has {world_size}; resume with {state['world_size']} processes or "
             "start a new output_dir."
         )
+    if not changes:
+        return None
+    return (
+        f"allow_config_change=true: resuming {path} with changed settings "
+        f"({describe_changes(changes)})."
+    )
+
+
+def training_run_evidence(folder: Path) -> list[str]:
+    """The files that mark `folder` as a training run's, or its final/ or one of its
+    checkpoints (empty: none). A config.yaml counts when it has training-only keys."""
+    found = [
+        name
+        for name in ("final/", "checkpoints/", "metrics.jsonl", FINAL_MARKER, MARKER)
+        if (folder / name.rstrip("/")).exists()
+    ]
+    config_file = folder / "config.yaml"
+    if config_file.is_file():
+        try:
+            mapping = yaml.safe_load(config_file.read_text())
+        except (OSError, yaml.YAMLError):
+            mapping = None
+        if isinstance(mapping, dict) and _TRAINING_ONLY_KEYS & set(mapping):
+            found.insert(0, "config.yaml")
+    return found

@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from clustertune.config import write_resolved_config
+from clustertune.deepspeed_config import fill_deepspeed_config, load_deepspeed_json, zero_stage
 from clustertune.distributed import (
     build_accelerator,
     deepspeed_config_path,
-    fill_deepspeed_config,
     init_process_state,
     launched_world_size,
-    load_deepspeed_json,
-    zero_stage,
 )
 from clustertune.errors import UserError
 from clustertune.modeling import load_model_config, model_kind, resolve_dtype

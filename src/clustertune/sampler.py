@@ -40,13 +40,32 @@ def derive_grad_accum_steps(global_batch_size: int, micro_batch_size: int, world
     if micro_batch_size < 1 or global_batch_size < 1:
         raise UserError("train.global_batch_size and train.micro_batch_size must be positive.")
     if global_batch_size % per_step:
+        problem = (
+            f"train.global_batch_size={global_batch_size} is not divisible by "
+            f"micro_batch_size={micro_batch_size} x world_size={world_size} = {per_step}"
+        )
+        if global_batch_size % world_size:
+            # Every rank takes the same number of examples per step, so no micro-batch size
+            # can help: only a global batch size that is a multiple of the world size can.
+            below = global_batch_size // world_size * world_size
+            nearest = [size for size in (below, below + world_size) if size > 0]
+            keeps_micro = max(per_step, round(global_batch_size / per_step) * per_step)
+            also = (
+                ""
+                if keeps_micro in nearest
+                else f" (or {keeps_micro} to keep micro_batch_size={micro_batch_size})"
+            )
+            raise UserError(
+                f"{problem}, and no micro_batch_size works, since {global_batch_size} is not a "
+                f"multiple of world_size={world_size}; set global_batch_size to a multiple of "
+                f"{world_size}, e.g. {' or '.join(map(str, nearest))}{also}, or change the "
+                "world size."
+            )
         fits = [
             m for m in range(1, global_batch_size + 1) if global_batch_size % (m * world_size) == 0
         ]
         raise UserError(
-            f"train.global_batch_size={global_batch_size} is not divisible by "
-            f"micro_batch_size={micro_batch_size} x world_size={world_size} = {per_step}; "
-            f"use a micro_batch_size in {fits or 'none (change global_batch_size)'} or set "
+            f"{problem}; use a micro_batch_size in {fits} or set "
             f"global_batch_size to a multiple of {per_step}."
         )
     return global_batch_size // per_step

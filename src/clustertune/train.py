@@ -13,7 +13,6 @@ update, and short and long examples weigh by their tokens, not by their micro-ba
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,19 +26,23 @@ from clustertune import data as data_lib
 from clustertune.atomicio import write_json_atomic
 from clustertune.autobatch import SearchResult
 from clustertune.checkpoint import Checkpointer
-from clustertune.config import FinetuneConfig, flat_config, template_fields
+from clustertune.config import FinetuneConfig, flat_config
+from clustertune.deepspeed_config import check_optimizer_and_scheduler
 from clustertune.distributed import DDPStepper, DeepSpeedStepper, launched_world_size
 from clustertune.errors import UserError
 from clustertune.metrics import MetricsLog, peak_memory_gib, plot_training
 from clustertune.modeling import build_model, count_parameters, load_tokenizer
-from clustertune.optim import build_optimizer, build_scheduler, token_loss_sum
+from clustertune.optim import prepare_optimization, schedule_change_note, token_loss_sum
 from clustertune.probes import find_micro_batch
 from clustertune.run_identity import (
     FINAL_MARKER,
-    already_finished,
+    check_checkpoint_folder,
+    check_finished_run,
     check_resumable,
+    final_prompt_settings,
     fingerprint,
     resume_path,
+    schedule_record,
 )
 from clustertune.runtime import Runtime, strategy_label
 from clustertune.sampler import (
@@ -49,15 +52,7 @@ from clustertune.sampler import (
     eval_micro_batches,
 )
 from clustertune.stop import StopFlag, StopForRequeue
-
-
-@dataclass
-class TrainData:
-    """The tokenised splits and the collator that turns rows into padded tensors."""
-
-    train: Any  # datasets.Dataset with input_ids, labels, num_source/target_tokens
-    eval: Any | None  # the same for the periodic eval loss; None disables it
-    collator: data_lib.Collator
+from clustertune.training_data import TrainData, load_training_data
 
 
 @dataclass
@@ -96,7 +91,7 @@ class Trainer:
     plan: GlobalBatchPlan  # which examples make each global batch and this rank's micro-batches
     model: Any  # the prepared model (the DeepSpeed engine under ZeRO)
     optimizer: Any
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: Any  # our LambdaLR, or the schedule a DeepSpeed JSON names (its engine steps it)
     stepper: DDPStepper | DeepSpeedStepper
     loss_multiplier: int  # undoes gradient averaging over ranks (and DeepSpeed's 1/accum)
     metrics: MetricsLog
@@ -116,27 +111,33 @@ class Trainer:
         self.runtime = runtime = self._validate_before_compute()
         runtime.start(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
-        self.data = self._load_data()
+        self.data = load_training_data(cfg, runtime, self.tokenizer)
         steps_per_epoch = len(self.data.train) // cfg.train.global_batch_size
         self.total_steps = (
             cfg.train.max_steps
             if cfg.train.max_steps > 0
             else cfg.train.num_epochs * steps_per_epoch
         )
-        if already_finished(cfg, self.output_dir, self.total_steps):
+        # Decisions against what the folder holds, before any compute: nothing in it is
+        # touched (not even config.yaml) unless this launch is allowed to continue it.
+        finished = check_finished_run(cfg, self.output_dir, self.total_steps)
+        if finished.already_finished:
             runtime.log(
                 f"clustertune: {self.output_dir} already finished at step {self.total_steps} "
                 "(final/ is complete); nothing to do."
             )
             return False
+        notes = [finished.note] if finished.note else []
         resume_from = resume_path(cfg, self.output_dir)
         if resume_from is not None:
-            check_resumable(
+            resume_note = check_resumable(
                 resume_from,
                 cfg,
+                total_steps=self.total_steps,
                 world_size=runtime.world_size,
                 is_deepspeed=runtime.is_deepspeed,
             )
+            notes += [resume_note] if resume_note else []
         self.auto_batch = None
         if cfg.train.micro_batch_size == "auto":
             self.auto_batch = find_micro_batch(
@@ -167,14 +168,18 @@ class Trainer:
             seed=cfg.seed,
             length_group_size=cfg.data.length_group_size,
         )
-        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
         self._setup_model()
+        for note in notes:
+            runtime.log(note)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=runtime.is_main)
         self.start_step = 0
         if resume_from is not None:
             self._resume(resume_from)
         elif runtime.is_main:
             self.metrics.truncate_after(-1)  # a fresh run: a fresh metrics file
+        # Only now, with every check passed and the model built: a refused or failed launch
+        # leaves the run's config.yaml (its single source of truth) as it was.
+        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
         if self.auto_batch is not None:
             self.metrics.write(
                 {"step": self.start_step, "event": "auto_batch", **self.auto_batch.to_json()}
@@ -189,6 +194,8 @@ class Trainer:
         """Every user mistake we can see without a process group is raised here (the values
         of each config section are already checked by the config dataclasses)."""
         cfg = self.cfg
+        cfg.train.check_trackers_installed()  # here, not in validate(): evaluation reads
+        # a run's config.yaml on machines that need not have its trackers
         check_batch_arithmetic(
             cfg.train.global_batch_size, cfg.train.micro_batch_size, launched_world_size()
         )
@@ -209,6 +216,11 @@ class Trainer:
             requested_dtype=cfg.model.dtype,
             output_dir=self.output_dir,
         )
+        # a DeepSpeed optimizer/scheduler block that contradicts train.* (the total-steps part
+        # waits for the run length, in _setup_model)
+        check_optimizer_and_scheduler(runtime.deepspeed_template, cfg.train)
+        if cfg.resume not in ("auto", "never"):  # the launch decides which files it needs
+            check_checkpoint_folder(Path(cfg.resume), is_deepspeed=runtime.is_deepspeed)
         if cfg.resume == "never" and (
             (self.output_dir / "checkpoints").is_dir() or (self.output_dir / "final").is_dir()
         ):
@@ -217,59 +229,6 @@ class Trainer:
                 "overwrite it; use another output_dir or resume=auto."
             )
         return runtime
-
-    def _load_data(self) -> TrainData:
-        cfg, runtime, data_cfg = self.cfg, self.runtime, self.cfg.data
-        required = [*template_fields(data_cfg.prompt_template), data_cfg.target_column]
-        spec = data_lib.TokenizeSpec(
-            runtime.kind,
-            data_cfg.prompt_template,
-            data_cfg.target_column,
-            data_cfg.max_source_length,
-            data_cfg.max_target_length,
-        )
-        train_source = data_cfg.train_file or data_cfg.dataset
-        eval_source = data_cfg.eval_file or (
-            data_cfg.dataset if data_cfg.dataset and not data_cfg.train_file else None
-        )
-        with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
-            train_rows = data_lib.load_split(
-                train_source,
-                split=data_cfg.train_split,
-                required_columns=required,
-                what="data.train_file" if data_cfg.train_file else "data.dataset",
-            )
-            train = data_lib.tokenize_dataset(train_rows, self.tokenizer, spec, data_cfg.num_proc)
-            evaluation = None
-            if eval_source:
-                eval_rows = data_lib.load_split(
-                    eval_source,
-                    split=data_cfg.eval_split,
-                    required_columns=required,
-                    what="data.eval_file" if data_cfg.eval_file else "data.dataset",
-                )
-                if data_cfg.max_eval_examples:
-                    eval_rows = eval_rows.select(
-                        range(min(data_cfg.max_eval_examples, len(eval_rows)))
-                    )
-                evaluation = data_lib.tokenize_dataset(
-                    eval_rows, self.tokenizer, spec, data_cfg.num_proc
-                )
-        if len(train) < cfg.train.global_batch_size:
-            raise UserError(
-                f"the training data has {len(train)} examples, fewer than "
-                f"train.global_batch_size={cfg.train.global_batch_size}; lower the global batch size."
-            )
-        runtime.log(data_lib.truncation_report(train, "train", spec))
-        if evaluation is not None:
-            runtime.log(data_lib.truncation_report(evaluation, "eval", spec))
-        decoder_start = None
-        if runtime.kind == "seq2seq":
-            decoder_start = getattr(runtime.model_config, "decoder_start_token_id", None)
-            if decoder_start is None:
-                decoder_start = self.tokenizer.pad_token_id
-        collator = data_lib.Collator(self.tokenizer.pad_token_id, decoder_start)
-        return TrainData(train=train, eval=evaluation, collator=collator)
 
     def _setup_model(self) -> None:
         cfg, runtime, accel = self.cfg, self.runtime, self.accelerator
@@ -280,13 +239,15 @@ class Trainer:
             f"{runtime.kind}, {cfg.peft.method}, dtype {runtime.dtype}, "
             f"{strategy_label(self.ds_config, runtime.world_size)}"
         )
-        optimizer = build_optimizer(model, cfg.train, self.ds_config)
-        scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
-        model, optimizer = accel.prepare(model, optimizer)  # under ZeRO: the DeepSpeed engine
-        if runtime.is_deepspeed:
-            self.stepper = DeepSpeedStepper(model, scheduler)
-        else:
-            self.stepper = DDPStepper(accel, model, optimizer, scheduler, cfg.train.max_grad_norm)
+        model, optimizer, scheduler, self.stepper = prepare_optimization(
+            model,
+            cfg.train,
+            accel,
+            log=runtime.log,
+            total_steps=self.total_steps,
+        )
+        if runtime.is_deepspeed:  # now with the optimizer / scheduler "auto"s filled
+            self.ds_config = accel.state.deepspeed_plugin.deepspeed_config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_multiplier = self.stepper.loss_multiplier(
             runtime.world_size, self.grad_accum_steps
@@ -307,6 +268,16 @@ class Trainer:
             f"resumed from {path} at step {self.start_step} of {self.total_steps} "
             f"(loaded in {time.perf_counter() - start:.2f} s)"
         )
+        if state.get("total_steps", self.total_steps) != self.total_steps:
+            self.runtime.log(
+                schedule_change_note(
+                    self.cfg.train,
+                    previous_total=state["total_steps"],
+                    total_steps=self.total_steps,
+                    next_step=self.start_step + 1,
+                    next_lr=self.scheduler.get_last_lr()[0],
+                )
+            )
 
     def _config_header(self) -> str:
         return (
@@ -465,6 +436,7 @@ class Trainer:
             "world_size": self.runtime.world_size,
             "fingerprint": fingerprint(self.cfg),
             "total_steps": self.total_steps,
+            "schedule": schedule_record(self.cfg),
         }
         path = self.checkpointer.save(
             step,
@@ -479,7 +451,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def save_final(self) -> Path:
         """final/: HF-loadable model (or verified LoRA adapter) + tokenizer, written atomically."""
-        from clustertune.export import save_pretrained_verified
+        from clustertune.export import replace_folder, save_pretrained_verified
 
         accel, is_main = self.accelerator, self.runtime.is_main
         final, tmp = self.output_dir / "final", self.output_dir / ".final.tmp"
@@ -500,18 +472,15 @@ class Trainer:
                 {
                     "step": self.total_steps,
                     "fingerprint": fingerprint(self.cfg),
+                    "schedule": schedule_record(self.cfg),
                     "peft_method": self.cfg.peft.method,
                     "base_model": self.cfg.model.name_or_path,
                     "kind": self.runtime.kind,
-                    "prompt_template": self.cfg.data.prompt_template,
+                    # what evaluation (run_dir) takes from the run: what final/ was trained with
+                    **final_prompt_settings(self.cfg),
                 },
             )
-            old = self.output_dir / ".final.old"
-            if final.exists():  # never lose a previous final/ until the new one is in place
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, final)
             if self.cfg.peft.method == "lora" and self.cfg.peft.merge_on_save:
                 from clustertune.export import merge_adapter
 

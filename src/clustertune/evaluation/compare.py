@@ -130,6 +130,20 @@ def plot_comparison(
     plt.close(fig)
 
 
+def _check_output_folder(out_dir: str | Path) -> Path:
+    """--out must name a folder (or a path where one can be made): refused before any
+    report is read, and created only once every report has loaded."""
+    out = Path(out_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        which = "is a file" if blocking == out else f"is inside '{blocking}', which is a file"
+        raise UserError(
+            f"--out '{out_dir}' {which}; --out names a folder (it gets comparison.md and "
+            "comparison.png), e.g. --out outputs/compare."
+        )
+    return out
+
+
 def compare_runs(
     eval_dirs: Sequence[str], labels: Sequence[str] | None, out_dir: str | Path
 ) -> str:
@@ -141,11 +155,16 @@ def compare_runs(
         raise UserError(
             f"--labels has {len(labels)} names for {len(eval_dirs)} folders; give one label per folder."
         )
+    out = _check_output_folder(out_dir)
     reports = [load_report(d) for d in eval_dirs]
     table = comparison_table(reports, labels)
     caveats = _comparison_caveats(reports, labels)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"--out '{out_dir}' cannot be created ({error.strerror}); give a folder you can write."
+        ) from None
     first = reports[0].get("dataset", {})
     markdown = "\n".join(
         [

@@ -9,8 +9,9 @@
 - `resolve_config`: fills every unset key, before any model is loaded or process group made:
   from `run_dir` (`_from_run_dir`: the run's final/ and its prompt settings), from the
   adapter (`adapter_base`: the base it records), else the training defaults; then
-  `_check_values` checks the resolved values, one validator per section (`_check_data`,
-  `_check_generation`, and the top-level keys in `_check_values` itself).
+  `_check_values` checks what needs the resolved values (`_check_data`: eval data given,
+  the prompt's placeholder). Each section's own values are checked by its `validate()`
+  when the section is built, before anything is resolved.
 - `generate_kwargs`: the generation settings as `model.generate` keyword arguments.
 """
 
@@ -21,17 +22,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from clustertune.checkpoint import MARKER as CHECKPOINT_MARKER
 from clustertune.config import (
     SEED_PROMPT,
     Auto,
     FinetuneConfig,
     Precision,
     Validated,
+    at_least,
+    check_prompt_template,
+    check_source_placeholder,
+    in_range,
     parse_config,
-    template_fields,
+    positive,
 )
 from clustertune.errors import UserError
-from clustertune.run_identity import FINAL_MARKER
+from clustertune.run_identity import (
+    FINAL_MARKER,
+    FINAL_PROMPT_KEYS,
+    training_run_evidence,
+)
 
 # The training defaults that eval defaults repeat are read from here, not written again.
 _TRAINING = FinetuneConfig()
@@ -75,6 +85,20 @@ class EvalDataConfig(Validated):
     max_source_length: int | None = None
     # Evaluate only the first N examples (None: all).
     max_examples: int | None = None
+    # Rows whose prompt text is null, missing, empty or not a string, or that have no
+    # reference: false refuses the data naming the first one; true skips them and says how many.
+    skip_invalid_rows: bool = False
+
+    def validate(self) -> None:
+        if self.prompt_template is not None:
+            check_prompt_template(self.prompt_template)
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UserError(
+                f"data.max_examples={self.max_examples} leaves an empty eval set; use a positive "
+                "number or null."
+            )
+        if self.max_source_length is not None:
+            at_least("data.max_source_length", self.max_source_length, 1)
 
 
 @dataclass
@@ -104,6 +128,17 @@ class GenerationSettings(Validated):
     # > 1 penalises tokens already generated (1: off).
     repetition_penalty: float = 1.0
 
+    def validate(self) -> None:
+        at_least("generation.max_new_tokens", self.max_new_tokens, 1)
+        at_least("generation.min_new_tokens", self.min_new_tokens, 0)
+        at_least("generation.num_beams", self.num_beams, 1)
+        positive("generation.temperature", self.temperature, example=1.0)
+        if not 0 < self.top_p <= 1:  # nucleus sampling keeps at least the likeliest token
+            raise UserError(f"generation.top_p={self.top_p} must be in (0, 1], e.g. 0.9.")
+        at_least("generation.top_k", self.top_k, 0, "0: no top-k filtering")
+        at_least("generation.no_repeat_ngram_size", self.no_repeat_ngram_size, 0, "0: off")
+        positive("generation.repetition_penalty", self.repetition_penalty, example=1.0)
+
 
 @dataclass
 class EvaluateConfig(Validated):
@@ -129,6 +164,13 @@ class EvaluateConfig(Validated):
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def validate(self) -> None:
+        in_range("auto_batch_margin", self.auto_batch_margin, 0, 1, example=0.1)
+        if self.batch_size != "auto":
+            at_least("batch_size", int(self.batch_size), 1)
+        at_least("auto_batch_max", self.auto_batch_max, 1)
+        at_least("num_bootstrap", self.num_bootstrap, 1)
 
 
 # ------------------------------------------------------- resolving the model before compute
@@ -171,6 +213,39 @@ def _unset_or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
+    """What final/ was trained with: the base model and the FINAL_PROMPT_KEYS, read from its
+    marker (or the fingerprint it records). config.yaml is read only for a marker without
+    them (runs made before the marker recorded them): it describes the last launch into the
+    folder, which need not be the one that wrote final/."""
+    marker = json.loads((final / FINAL_MARKER).read_text())
+    recorded_fingerprint = marker.get("fingerprint", {})
+
+    def recorded(name: str, key: str) -> Any:
+        return marker.get(name, recorded_fingerprint.get(key))
+
+    settings = {name: recorded(name, key) for name, key in FINAL_PROMPT_KEYS.items()}
+    settings["base_model"] = recorded("base_model", "model.name_or_path")
+    if any(value is None for value in settings.values()):
+        config_file = run / "config.yaml"
+        if not config_file.is_file():
+            raise UserError(
+                f"run_dir: '{run}' has no config.yaml and its final/{FINAL_MARKER} does not "
+                "record the prompt settings; set data.prompt_template, data.source_column and "
+                "data.max_source_length (and model.name_or_path for an adapter) explicitly."
+            )
+        trained = parse_config(FinetuneConfig, ["--config", str(config_file)])
+        from_config = {
+            name: getattr(trained.data, key.split(".", 1)[1])
+            for name, key in FINAL_PROMPT_KEYS.items()
+        }
+        from_config["base_model"] = trained.model.name_or_path
+        settings = {
+            name: from_config[name] if value is None else value for name, value in settings.items()
+        }
+    return settings
+
+
 def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
     """Take the model and (where unset) the prompt settings from a finished training run."""
     run = Path(cfg.run_dir).expanduser()
@@ -179,18 +254,18 @@ def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
         raise UserError(
             f"run_dir: '{cfg.run_dir}' does not exist; give a training output_dir (config.yaml, final/)."
         )
-    if not config_file.is_file():
-        raise UserError(
-            f"run_dir: '{cfg.run_dir}' has no config.yaml, so it is not a clustertune training output_dir."
-        )
     if not (final / FINAL_MARKER).is_file():
+        if not config_file.is_file():
+            raise UserError(
+                f"run_dir: '{cfg.run_dir}' has no config.yaml, so it is not a clustertune training output_dir."
+            )
         raise UserError(
             f"run_dir: '{cfg.run_dir}' has no complete final/ ({FINAL_MARKER} missing): the training has "
             "not finished; rerun its command to finish it, or evaluate another run."
         )
-    train_cfg = parse_config(FinetuneConfig, ["--config", str(config_file)])
+    trained = _trained_settings(run, final)
     is_adapter = (final / "adapter_config.json").is_file()
-    model_name = train_cfg.model.name_or_path if is_adapter else str(final)
+    model_name = trained["base_model"] if is_adapter else str(final)
     if cfg.model.adapter_path is not None and not (
         is_adapter and _same_model(cfg.model.adapter_path, str(final))
     ):
@@ -201,20 +276,40 @@ def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
     model = replace(
         cfg.model, name_or_path=model_name, adapter_path=str(final) if is_adapter else None
     )
-    data_cfg, trained = cfg.data, train_cfg.data
+    data_cfg = cfg.data
     data = replace(
         data_cfg,
-        source_column=_unset_or(data_cfg.source_column, trained.source_column),
-        prompt_template=_unset_or(data_cfg.prompt_template, trained.prompt_template),
-        max_source_length=_unset_or(data_cfg.max_source_length, trained.max_source_length),
+        **{name: _unset_or(getattr(data_cfg, name), trained[name]) for name in FINAL_PROMPT_KEYS},
     )
     return replace(cfg, model=model, data=data)
+
+
+def _check_output_dir(cfg: EvaluateConfig) -> None:
+    """Evaluation writes config.yaml, predictions.jsonl and rouge.json: never into a training
+    run's folder, whose config.yaml is that run's single source of truth."""
+    output_dir = Path(cfg.output_dir).expanduser()
+    evidence = training_run_evidence(output_dir)
+    if not evidence:
+        return
+    # A run's final/ or checkpoints/step_N is replaced or pruned by the run: suggest a folder
+    # beside them, in the run's folder.
+    run = output_dir
+    if FINAL_MARKER in evidence:
+        run = output_dir.parent
+    elif CHECKPOINT_MARKER in evidence:
+        run = output_dir.parent.parent
+    raise UserError(
+        f"output_dir '{cfg.output_dir}' holds a training run's files ({', '.join(evidence)}), "
+        "which evaluation would write over; give the evaluation its own folder, e.g. "
+        f"--output_dir={run / 'eval'}."
+    )
 
 
 def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
     """Fill every unset key (from run_dir, the adapter, or the defaults) and check the inputs
     that need no model and no process group. Returns the resolved config and notes to print."""
     notes: list[str] = []
+    _check_output_dir(cfg)
     if cfg.run_dir is not None:
         previous = cfg.model.name_or_path
         cfg = _from_run_dir(cfg)
@@ -257,12 +352,6 @@ def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
 # ------------------------------------------------------------------- value checks
 
 
-def _at_least_one(values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        if value < 1:
-            raise UserError(f"{key}={value} must be at least 1.")
-
-
 def _check_data(data_cfg: EvalDataConfig) -> None:
     """The `data` section, resolved (source_column, prompt_template, max_source_length set)."""
     if not (data_cfg.eval_file or data_cfg.dataset):
@@ -275,43 +364,16 @@ def _check_data(data_cfg: EvalDataConfig) -> None:
         raise UserError(
             "data.reference_columns is empty; list the reference column(s), e.g. [summary]."
         )
-    if data_cfg.source_column not in template_fields(data_cfg.prompt_template):
-        raise UserError(
-            f"data.prompt_template has no {{{data_cfg.source_column}}} placeholder for "
-            f"data.source_column='{data_cfg.source_column}'; add it to the template."
-        )
-    if data_cfg.max_examples is not None and data_cfg.max_examples < 1:
-        raise UserError(
-            f"data.max_examples={data_cfg.max_examples} leaves an empty eval set; use a positive number or null."
-        )
-    _at_least_one({"data.max_source_length": data_cfg.max_source_length})
-
-
-def _check_generation(generation: GenerationSettings) -> None:
-    """The `generation` section."""
-    _at_least_one(
-        {
-            "generation.max_new_tokens": generation.max_new_tokens,
-            "generation.num_beams": generation.num_beams,
-        }
-    )
+    check_source_placeholder(data_cfg.prompt_template, data_cfg.source_column)
 
 
 def _check_values(cfg: EvaluateConfig) -> None:
-    """Every value of a resolved config: the data section, the top-level keys, generation.
-    The enumerated keys (model.dtype, batch_size: a number or auto) are `Literal`s, checked
-    by `Validated` whenever a section is built, from YAML, the command line or code."""
+    """The checks that need the resolved config (eval data given, the prompt's placeholder
+    for the resolved source column). Each section's own values are checked by its validate()
+    when it is built, from YAML, the command line or code, and again for the resolved values
+    (built with `replace`); the enumerated keys (model.dtype, batch_size: a number or auto)
+    by `Validated`."""
     _check_data(cfg.data)
-    if not 0.0 <= cfg.auto_batch_margin < 1.0:
-        raise UserError(f"auto_batch_margin={cfg.auto_batch_margin} must be in [0, 1), e.g. 0.1.")
-    _at_least_one(
-        {
-            "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
-            "auto_batch_max": cfg.auto_batch_max,
-            "num_bootstrap": cfg.num_bootstrap,
-        }
-    )
-    _check_generation(cfg.generation)
 
 
 def generate_kwargs(generation: GenerationSettings) -> dict[str, Any]:

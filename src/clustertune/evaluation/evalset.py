@@ -32,10 +32,14 @@ ID_COLUMNS = ("id", "fname")  # DialogSum's Hub copy has `id`; the official json
 
 
 def assign_ids(
-    columns: Mapping[str, Sequence[Any]], num_rows: int, id_column: str | None = None
+    columns: Mapping[str, Sequence[Any]],
+    num_rows: int,
+    id_column: str | None = None,
+    row_numbers: Sequence[int] | None = None,
 ) -> tuple[list[str], str]:
     """Stable example ids and where they came from: `id_column`, else the first of `id`/`fname`
-    whose values are unique, else the row index. Returns (ids, source)."""
+    whose values are unique, else the row index. Returns (ids, source). `row_numbers`: each
+    row's position in the file, where rows were skipped (data.skip_invalid_rows)."""
     if id_column is not None:
         if id_column not in columns:
             raise UserError(
@@ -53,7 +57,8 @@ def assign_ids(
             ids = [str(value) for value in columns[name]]
             if len(set(ids)) == len(ids) and all(ids):
                 return ids, name
-    return [str(index) for index in range(num_rows)], "row index"
+    positions = range(num_rows) if row_numbers is None else row_numbers
+    return [str(index) for index in positions], "row index"
 
 
 def reference_lists(
@@ -73,6 +78,35 @@ def reference_lists(
             )
         references.append(texts)
     return references
+
+
+def _valid_rows(
+    dataset: Any, data_cfg: EvalDataConfig, source: str, what: str, prompt_columns: Sequence[str]
+) -> list[int]:
+    """Positions of the rows that can be evaluated: prompt columns hold non-empty text and at
+    least one reference column does (a reference that is present must be text). Others are
+    refused, or skipped with data.skip_invalid_rows."""
+    invalid = data_lib.find_invalid_rows(dataset, prompt_columns, data_cfg.reference_columns)
+    if invalid is None:
+        return list(range(len(dataset)))
+    first = invalid.rows[0]
+    if not data_cfg.skip_invalid_rows and invalid.first_problem == data_lib.ALL_EMPTY:
+        # no reference at all: name the example by its id, as the report does
+        ids, _ = assign_ids(dataset.to_dict(), len(dataset), data_cfg.id_column)
+        raise UserError(
+            f"example '{ids[first]}' has no reference in {list(data_cfg.reference_columns)} "
+            f"({data_lib.row_location(source, first)} of '{source}'); {len(invalid.rows)} of "
+            f"{len(dataset)} rows have invalid text or no reference: fix the data or "
+            "data.reference_columns, or set data.skip_invalid_rows=true to skip them."
+        )
+    data_lib.refuse_or_skip_invalid_rows(
+        dataset, invalid, source=source, what=what, skip=data_cfg.skip_invalid_rows
+    )
+    bad = set(invalid.rows)
+    rows = [row for row in range(len(dataset)) if row not in bad]
+    if not rows:
+        raise UserError(f"{what}: '{source}' has no valid examples left to evaluate.")
+    return rows
 
 
 @dataclass
@@ -97,11 +131,13 @@ def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSe
         if data_cfg.eval_file
         else (data_cfg.dataset, "data.dataset")
     )
+    prompt_columns = template_fields(data_cfg.prompt_template)
     dataset = data_lib.load_split(
         source,
         split=data_cfg.split,
-        required_columns=template_fields(data_cfg.prompt_template),
+        required_columns=prompt_columns,
         what=what,
+        text_columns=(),  # checked below, with the references, keeping each row's position
     )
     missing = [c for c in data_cfg.reference_columns if c not in dataset.column_names]
     if missing:
@@ -109,10 +145,13 @@ def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSe
             f"data.reference_columns: '{source}' has no column {', '.join(repr(c) for c in missing)} "
             f"(columns: {', '.join(dataset.column_names)}); set data.reference_columns to the reference summary column(s)."
         )
+    rows = _valid_rows(dataset, data_cfg, source, what, prompt_columns)
     if data_cfg.max_examples is not None:
-        dataset = dataset.select(range(min(data_cfg.max_examples, len(dataset))))
+        rows = rows[: data_cfg.max_examples]
+    if len(rows) != len(dataset):
+        dataset = dataset.select(rows)
     columns = dataset.to_dict()
-    ids, id_source = assign_ids(columns, len(dataset), data_cfg.id_column)
+    ids, id_source = assign_ids(columns, len(dataset), data_cfg.id_column, row_numbers=rows)
     references = reference_lists(columns, data_cfg.reference_columns, ids)
     spec = data_lib.TokenizeSpec(
         kind,

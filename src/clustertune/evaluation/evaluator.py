@@ -5,7 +5,8 @@ Lifecycle (like the Trainer): Evaluator(cfg).setup() -> generate() -> save() -> 
 - `setup`: resolve the config (config.py), build the accelerator (DDP, or DeepSpeed with
   ZeRO-1/2 run as stage 0 and ZeRO-3 partitioned), load the tokenizer and the eval set
   (evalset.py), then the model (`_setup_model`; a LoRA adapter merged by
-  `_load_merged_adapter`) and, for `batch_size: auto`, the batch size (`_auto_batch_size`).
+  `_load_merged_adapter`) and, for `batch_size: auto`, the batch size (`_auto_batch_size`);
+  only then, every check passed, the resolved config.yaml.
 - `generate`: every rank generates its batches (`deal_to_ranks`; under ZeRO-3 with
   `synced_gpus=True`, since each forward gathers parameters collectively and a rank that
   stopped early would hang the others); the (id, text) records are gathered to all ranks.
@@ -34,7 +35,8 @@ from clustertune.autobatch import (
     margin_applied,
 )
 from clustertune.config import ModelConfig, PeftConfig
-from clustertune.distributed import all_ranks_agree, zero_stage
+from clustertune.deepspeed_config import zero_stage
+from clustertune.distributed import all_ranks_agree
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvaluateConfig, generate_kwargs, resolve_config
 from clustertune.evaluation.evalset import (
@@ -108,6 +110,11 @@ class Evaluator:
             grad_accum_steps=1,
             max_grad_norm=1.0,
         )
+        if self.ds_config is not None:
+            # Inference builds no optimizer: an optimizer / scheduler block of a training
+            # JSON (and its "auto"s, which only training fills) does not apply.
+            self.ds_config.pop("optimizer", None)
+            self.ds_config.pop("scheduler", None)
         self.zero3 = zero_stage(self.ds_config) == 3
         self.strategy = strategy_label(self.ds_config, runtime.world_size)
         if self.ds_config is not None and not self.zero3:
@@ -120,7 +127,6 @@ class Evaluator:
         self.accelerator = runtime.make_accelerator(self.ds_config, report_to=[])
         for note in notes:
             runtime.log(f"note: {note}")
-        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
             self.eval_set = load_eval_set(cfg.data, self.tokenizer, self.kind)
@@ -137,6 +143,9 @@ class Evaluator:
             self.batch_size = self.auto_batch.chosen
         else:
             self.batch_size = cfg.batch_size
+        # Last: a config that failed any check above (a bad reference column, a model that
+        # does not load) leaves no config.yaml claiming an evaluation that never ran.
+        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
 
     def _setup_model(self) -> None:
         cfg, accel = self.cfg, self.accelerator

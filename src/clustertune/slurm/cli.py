@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import shlex
 import sys
 import types
 import typing
@@ -50,10 +52,19 @@ def settings_flags() -> Iterator[tuple[str, Any, str]]:
             yield f.name, value_type, " ".join(comment.split()).replace("%", "%%")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as a UserError: the house format (one line, exit 2) instead of the
+    usage block plus the message. Every parse error goes through `error`; exit_on_error=False
+    would not cover them all on Python 3.11 (unrecognized arguments still exit)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (clustertune-submit --help lists the options).")
+
+
 def _parser() -> argparse.ArgumentParser:
     flagged = [name for name, _, _ in settings_flags()]
     yaml_only = [f.name for f in dataclasses.fields(SlurmSettings) if f.name not in flagged]
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="clustertune-submit",
         usage="clustertune-submit [--config slurm/<cluster>.yaml] [options] -- RECIPE [recipe args]",
         description="Run a recipe on SLURM (submitit): one task per node, each running "
@@ -93,13 +104,41 @@ def parse_command_line(argv: Sequence[str]) -> tuple[argparse.Namespace, list[st
         own, recipe = argv[:split], argv[split + 1 :]
     else:
         own, recipe = argv, []
-    args = _parser().parse_args(own)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(own)
+    if unknown:
+        _refuse_unknown(parser, own, unknown, separated="--" in argv)
     if not recipe and not any(a in own for a in ("-h", "--help")):
         raise UserError(
             "no recipe given; end the options with -- and the recipe, e.g. "
             "-- recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
         )
     return args, recipe
+
+
+def _refuse_unknown(
+    parser: argparse.ArgumentParser, own: list[str], unknown: list[str], separated: bool
+) -> None:
+    """Arguments argparse did not take. Without `--`, the recipe lands here (argparse even
+    takes the recipe's own --config as the cluster's): show the command with `--` in place.
+    A recipe is a script; other positionals are values of a misspelled option."""
+    recipe = next((arg for arg in unknown if arg.endswith(".py")), None)
+    if recipe is not None and not separated:
+        start = own.index(recipe)
+        fixed = shlex.join([*own[:start], "--", *own[start:]])
+        raise UserError(
+            f"'{recipe}' looks like the recipe: put -- before the recipe and its arguments, "
+            f"e.g. clustertune-submit {fixed}"
+        )
+    # argparse suggests close options itself only from Python 3.14 (suggest_on_error).
+    options = [name for action in parser._actions for name in action.option_strings]
+    misspelled = next((arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")), "")
+    close = difflib.get_close_matches(misspelled, options, n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}?" if close else "clustertune-submit --help lists the options"
+    raise UserError(
+        f"unrecognized arguments: {' '.join(unknown)}; {hint} (the recipe and its arguments "
+        "go after --)."
+    )
 
 
 @exit_on_user_error

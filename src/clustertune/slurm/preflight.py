@@ -2,9 +2,11 @@
 
 `preflight` checks the recipe, the launch file against nodes x processes_per_node, the batch
 arithmetic (clustertune.sampler.check_batch_arithmetic, the rule training itself applies),
-model and data paths or Hugging Face cache entries the offline nodes will need, and the
-partition (where sinfo exists); it warns about node-local output folders. It returns the
-`SubmissionPlan`: the checked settings and the submitit jobs (clustertune.slurm.job.LaunchJob) to run.
+model and data paths or Hugging Face cache entries the offline nodes will need, with
+`--then evaluate` the evaluation config (parsed and checked as recipes/evaluate.py will, its
+eval data included), and the partition (where sinfo exists); it warns about node-local
+output folders. It returns the `SubmissionPlan`: the checked settings and the submitit jobs
+(clustertune.slurm.job.LaunchJob) to run.
 `dry_run` renders what would be submitted: submitit's sbatch files and each task's command.
 """
 
@@ -23,6 +25,9 @@ from typing import Any, Literal, get_args
 
 from clustertune.config import FinetuneConfig, load_yaml_mapping, parse_config
 from clustertune.errors import UserError
+from clustertune.evaluation.config import EvaluateConfig
+from clustertune.evaluation.config import _check_values as check_resolved_values
+from clustertune.run_identity import FINAL_PROMPT_KEYS
 from clustertune.sampler import check_batch_arithmetic
 from clustertune.slurm.env import PORT_MAX, PORT_MIN, NodeLaunch
 from clustertune.slurm.job import LaunchJob
@@ -34,6 +39,10 @@ EVALUATE_RECIPE = "recipes/evaluate.py"
 # What can follow a training job in the same submission (--then).
 Then = Literal["evaluate"]
 NODE_LOCAL_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+DOWNLOAD_HINT = (
+    "download it on a machine with access (huggingface-cli download) or point the setting at "
+    "a local copy"
+)
 
 
 def _truthy(value: str | None) -> bool:
@@ -64,17 +73,23 @@ def _in_hub_cache(repo_id: str, repo_type: str, env: dict[str, str]) -> bool:
 
 def _check_model_and_data(cfg: Any, workdir: Path, env: dict[str, str]) -> None:
     offline = _truthy(env.get("HF_HUB_OFFLINE"))
-    hint = "download it on a machine with access (huggingface-cli download) or point the setting at a local copy"
     model = cfg.model.name_or_path
     if _looks_local(model) and not (workdir / model).expanduser().exists():
         raise UserError(f"model.name_or_path '{model}' does not exist; fix the path.")
     if not _looks_local(model) and offline and not _in_hub_cache(model, "model", env):
         raise UserError(
             f"model '{model}' is not in the Hugging Face cache ({_hub_cache(env)}) and "
-            f"HF_HUB_OFFLINE=1 on the nodes; {hint}."
+            f"HF_HUB_OFFLINE=1 on the nodes; {DOWNLOAD_HINT}."
         )
-    data = cfg.data
-    for key in ("train_file", "eval_file"):
+    _check_data_sources(cfg.data, ("train_file", "eval_file"), workdir, env)
+
+
+def _check_data_sources(
+    data: Any, file_keys: Sequence[str], workdir: Path, env: dict[str, str]
+) -> None:
+    """The data files (`file_keys` of the data section) and hub dataset the job will read."""
+    offline = _truthy(env.get("HF_HUB_OFFLINE"))
+    for key in file_keys:
         name = getattr(data, key)
         if not name:
             continue
@@ -84,13 +99,48 @@ def _check_model_and_data(cfg: Any, workdir: Path, env: dict[str, str]) -> None:
         if not local and offline and not _in_hub_cache(name, "dataset", env):
             raise UserError(
                 f"dataset '{name}' (data.{key}) is not in the Hugging Face cache and "
-                f"HF_HUB_OFFLINE=1 on the nodes; {hint}."
+                f"HF_HUB_OFFLINE=1 on the nodes; {DOWNLOAD_HINT}."
             )
     if data.dataset and offline and not _in_hub_cache(data.dataset, "dataset", env):
         raise UserError(
             f"dataset '{data.dataset}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
-            f"on the nodes; {hint}."
+            f"on the nodes; {DOWNLOAD_HINT}."
         )
+
+
+def _check_evaluation(
+    eval_argv: Sequence[str],
+    eval_config: str | None,
+    training: FinetuneConfig,
+    workdir: Path,
+    env: dict[str, str],
+) -> None:
+    """The evaluation job's config, parsed and checked as recipes/evaluate.py will, so that a
+    mistake in it fails now and not after the training. The run_dir does not exist yet: the
+    prompt settings the evaluation takes from it (FINAL_PROMPT_KEYS, unless the eval config
+    sets them) are those of the training config being submitted."""
+    where = (
+        f"--eval-config {eval_config}" if eval_config else "--then evaluate without --eval-config"
+    )
+    try:
+        with _working_directory(workdir):  # the eval job's relative paths, as it sees them
+            cfg = parse_config(EvaluateConfig, list(eval_argv[1:]))
+        from_run = {
+            name: getattr(training.data, name)
+            for name in FINAL_PROMPT_KEYS
+            if getattr(cfg.data, name) is None
+        }
+        check_resolved_values(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **from_run))
+        )
+        _check_data_sources(cfg.data, ("eval_file",), workdir, env)
+    except UserError as error:
+        if eval_config:
+            raise UserError(f"{where}: {error}") from None
+        raise UserError(
+            f"{where}: {str(error).rstrip('.')}; give an evaluation config with --eval-config, "
+            "e.g. --eval-config recipes/configs/smoke/evaluate.yaml."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -247,6 +297,7 @@ def preflight(
             f"--run_dir={output_dir}",
             f"--output_dir={output_dir / 'eval'}",
         )
+        _check_evaluation(eval_argv, eval_config, cfg, workdir, job_env)
         evaluate = dataclasses.replace(
             job,
             launch_config=str(eval_path),

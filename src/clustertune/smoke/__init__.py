@@ -34,6 +34,7 @@ from clustertune.smoke.assets import (
     build_tokenizer,
     default_cache_dir,
     ensure_smoke_assets,
+    missing_smoke_asset_hint,
 )
 from clustertune.smoke.cli import main
 from clustertune.smoke.dialogues import ensure_smoke_data, generate_dialogsum_like
@@ -67,4 +68,5 @@ __all__ = [
     "ensure_smoke_data",
     "generate_dialogsum_like",
     "main",
+    "missing_smoke_asset_hint",
 ]

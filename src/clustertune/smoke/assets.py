@@ -17,7 +17,7 @@ import shutil
 import string
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clustertune.atomicio import read_jsonl
 from clustertune.smoke.dialogues import ensure_smoke_data
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no t
 
 # Bump when the generator, tokenizer or model shapes change: cached folders with another
 # stamp are rebuilt instead of silently serving stale assets.
-SMOKE_VERSION = "1"
+SMOKE_VERSION = "2"  # 2: tiny T5 config.json says tie_word_embeddings=false
 _STAMP_FILE = ".smoke_version"
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as T5 expects
@@ -113,19 +113,25 @@ def _causal_tokenizer(
 # ---------------------------------------------------------------------------------------
 
 
-def build_tiny_t5(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0) -> Path:
-    """Save a 2+2-layer, 64-dim T5 v1.1-style model (gated-GELU, untied head) and the tokenizer."""
+TINY_T5_SHAPE = {
+    "d_model": 64,
+    "d_ff": 128,
+    "d_kv": 16,  # 4 heads * 16 = d_model
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+}
+
+
+def flan_style_t5(tokenizer: Any, shape: dict[str, int], seed: int) -> Any:
+    """A randomly initialised T5 v1.1 / FLAN-T5-style model (gated-GELU, its own LM head) of
+    `shape`; the same seed gives the same weights. Also what the benchmarks build."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=64,
-        d_ff=128,
-        d_kv=16,  # 4 heads * 16 = d_model
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
+        **shape,
         feed_forward_proj="gated-gelu",  # T5 v1.1 / FLAN-T5
         tie_word_embeddings=False,  # T5 v1.1 / FLAN-T5
         dropout_rate=0.1,
@@ -143,6 +149,17 @@ def build_tiny_t5(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0)
     if model.lm_head.weight is model.shared.weight:
         lm_head = torch.empty_like(model.shared.weight).normal_(std=config.d_model**-0.5)
         model.lm_head.weight = torch.nn.Parameter(lm_head)
+    return model
+
+
+def build_tiny_t5(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0) -> Path:
+    """Save a 2+2-layer, 64-dim T5 v1.1-style model (gated-GELU, untied head) and the tokenizer."""
+    model = flan_style_t5(tokenizer, TINY_T5_SHAPE, seed)
+    # Say in config.json what the weights are, as FLAN-T5's config does: transformers 4 reads
+    # `true` as "tie the head to `shared` and scale decoder outputs", which would discard the
+    # head saved here. Only the file changes: the tensors saved are the same. (transformers 5
+    # still forces True when loading T5 and logs "will NOT tie"; clustertune.quiet explains.)
+    model.config.tie_word_embeddings = False
     path = Path(path)
     model.save_pretrained(path)  # safetensors
     tokenizer.save_pretrained(path)
@@ -220,6 +237,23 @@ def _publish(build_dir: Path, final: Path) -> None:
     os.rename(build_dir, final)
 
 
+_FOLDERS = {"data": "data", "tiny_t5": "tiny-t5", "tiny_causal": "tiny-causal"}  # under smoke/
+
+
+def missing_smoke_asset_hint(path: str | os.PathLike) -> str | None:
+    """For a missing path inside a smoke cache (`<cache>/smoke/tiny-t5`, `.../smoke/data/...`):
+    what to run to build the assets. None for any other path."""
+    parts = Path(path).parts
+    for index in range(len(parts) - 1):
+        if parts[index] == "smoke" and parts[index + 1] in _FOLDERS.values():
+            cache = Path(*parts[:index]) if index else Path(".")
+            return (
+                f"the smoke assets are missing ('{path}' is one of them); build them with "
+                f"`make assets` or `python -m clustertune.smoke --cache-dir {cache}`."
+            )
+    return None
+
+
 def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
     """Build (once) and return the smoke data splits and the two tiny models.
 
@@ -230,11 +264,7 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
     takes ~2 s plus importing torch and transformers.
     """
     root = Path(cache_dir or default_cache_dir()) / "smoke"
-    folders = {
-        "data": root / "data",
-        "tiny_t5": root / "tiny-t5",
-        "tiny_causal": root / "tiny-causal",
-    }
+    folders = {key: root / name for key, name in _FOLDERS.items()}
     paths = {split: folders["data"] / f"{split}.jsonl" for split in SPLITS}
     paths |= {"tiny_t5": folders["tiny_t5"], "tiny_causal": folders["tiny_causal"]}
     if all(_is_current(folder) for folder in folders.values()):

@@ -1,0 +1,213 @@
+"""The fine-tuning recipe's config (recipes/finetune.py): one dataclass per section, each
+field with the comment `--help` shows, each section checking its own values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from clustertune.config.checks import (
+    SEED_PROMPT,
+    Auto,
+    LrSchedule,
+    PeftMethod,
+    Precision,
+    Validated,
+    at_least,
+    check_prompt_template,
+    check_source_placeholder,
+    check_tracker_name,
+    in_range,
+    positive,
+)
+from clustertune.errors import UserError
+
+
+@dataclass
+class ModelConfig(Validated):
+    SECTION: ClassVar[str] = "model"
+    # Hub id or local folder of a seq2seq (T5, FLAN-T5, BART) or decoder-only model.
+    name_or_path: str = "google/flan-t5-base"
+    # Overrides every dropout probability in the model config; 0 makes runs comparable step for step.
+    dropout: float | None = None
+    # auto: bf16 where the hardware supports it, fp32 otherwise; fp16 is refused for T5.
+    dtype: Precision = "auto"
+    # Recompute activations in backward: ~30% slower, activation memory O(layers) -> O(1).
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.dropout is not None:
+            in_range("model.dropout", self.dropout, 0, 1, example=0.1)
+
+
+@dataclass
+class DataConfig(Validated):
+    SECTION: ClassVar[str] = "data"
+
+    # Local jsonl/json/csv/parquet file, or a hub dataset id (then train_split is used).
+    train_file: str | None = None
+    # Local file or hub dataset id for the periodic eval loss; empty disables eval.
+    eval_file: str | None = None
+    # Hub dataset id providing both splits (alternative to train_file/eval_file).
+    dataset: str | None = None
+    # Split of data.dataset to train on.
+    train_split: str = "train"
+    # Split of data.dataset for the periodic eval loss.
+    eval_split: str = "validation"
+    # Column holding the input text (the dialogue).
+    source_column: str = "dialogue"
+    # Column holding the target text (the summary).
+    target_column: str = "summary"
+    # Prompt with one {placeholder} named like source_column (the seed tutorial's prompt).
+    prompt_template: str = SEED_PROMPT
+    # Prompt tokens kept; DialogSum dialogues are ~160 tokens median, so 512 truncates few.
+    max_source_length: int = 512
+    # Summary tokens kept (DialogSum summaries are ~25 tokens median).
+    max_target_length: int = 128
+    # Use only the first N eval examples (None: all); keeps periodic eval cheap.
+    max_eval_examples: int | None = None
+    # Global batches sorted together by length: larger packs tighter, smaller is more random.
+    length_group_size: int = 50
+    # Processes for tokenisation with datasets.map (results are cached by datasets).
+    num_proc: int = 1
+    # Rows whose text (prompt columns, target) is null, missing, empty or not a string:
+    # false refuses the data naming the first such row; true skips them and says how many.
+    skip_invalid_rows: bool = False
+
+    def validate(self) -> None:
+        check_prompt_template(self.prompt_template)
+        check_source_placeholder(self.prompt_template, self.source_column)
+        at_least("data.max_source_length", self.max_source_length, 1)
+        at_least("data.max_target_length", self.max_target_length, 1)
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
+            raise UserError(
+                f"data.max_eval_examples={self.max_eval_examples} leaves an empty eval set; "
+                "use a positive number, or null for all."
+            )
+        at_least("data.length_group_size", self.length_group_size, 1)
+        at_least("data.num_proc", self.num_proc, 1)
+
+
+@dataclass
+class TrainConfig(Validated):
+    SECTION: ClassVar[str] = "train"
+
+    # Optimizer steps; -1 means num_epochs passes over the training data.
+    max_steps: int = -1
+    # Epochs when max_steps is -1.
+    num_epochs: int = 1
+    # Examples per optimizer step = micro_batch_size x grad_accum_steps x world_size.
+    global_batch_size: int = 32
+    # Examples per forward pass on one rank, or auto: the largest that fits (all ranks agree,
+    # worst-case lengths, forward+backward+optimizer step). grad_accum_steps is derived from it.
+    micro_batch_size: int | Auto = 8
+    # auto: use at most (1 - margin) x the largest micro-batch that fitted.
+    auto_batch_margin: float = 0.1
+    # Peak learning rate (seed: 1e-5 full fine-tune, 1e-3 LoRA).
+    learning_rate: float = 1e-5
+    # Linear warmup from 0 to learning_rate.
+    warmup_steps: int = 0
+    # Decay after warmup, to 0 at the last step (constant: none).
+    lr_schedule: LrSchedule = "linear"
+    # AdamW weight decay (not applied to biases and norms).
+    weight_decay: float = 0.0
+    # Clip the global gradient norm to this (0 disables).
+    max_grad_norm: float = 1.0
+    # Eval loss every N optimizer steps (0: only before and after training).
+    eval_every_steps: int = 0
+    # Log a metrics line every N optimizer steps.
+    log_every_steps: int = 10
+    # Extra trackers for accelerate, e.g. [tensorboard]; metrics.jsonl is always written.
+    report_to: list[str] = field(default_factory=list)
+    # Adam's first-moment decay.
+    adam_beta1: float = 0.9
+    # Adam's second-moment decay.
+    adam_beta2: float = 0.999
+    # Added to Adam's denominator for numerical stability.
+    adam_epsilon: float = 1e-8
+
+    def validate(self) -> None:
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise UserError("set train.max_steps or train.num_epochs to a positive number.")
+        in_range("train.auto_batch_margin", self.auto_batch_margin, 0, 1, example=0.1)
+        positive("train.learning_rate", self.learning_rate, example=1e-5)
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        at_least("train.weight_decay", self.weight_decay, 0)
+        at_least("train.max_grad_norm", self.max_grad_norm, 0)
+        at_least(
+            "train.eval_every_steps", self.eval_every_steps, 0, "0: only before and after training"
+        )
+        at_least("train.log_every_steps", self.log_every_steps, 1)
+        in_range("train.adam_beta1", self.adam_beta1, 0, 1, example=0.9)
+        in_range("train.adam_beta2", self.adam_beta2, 0, 1, example=0.999)
+        positive("train.adam_epsilon", self.adam_epsilon, example=1e-8)
+        for tracker in self.report_to:
+            check_tracker_name(tracker)
+
+    def check_trackers_installed(self) -> None:
+        """Refuse a tracker whose package is missing (accelerate would only warn and run
+        without it). Not part of validate(): a run's config.yaml stays readable on a machine
+        without that package (evaluation reads it)."""
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(tracker) for tracker in get_available_trackers()}
+        for tracker in self.report_to:
+            if tracker != "all" and tracker not in available:
+                raise UserError(
+                    f"train.report_to: the {tracker} tracker needs the '{tracker}' package, which "
+                    f"is not installed; pip install {tracker}, or remove it from train.report_to."
+                )
+
+
+@dataclass
+class PeftConfig(Validated):
+    SECTION: ClassVar[str] = "peft"
+
+    # none: full fine-tune; lora: train low-rank adapters only.
+    method: PeftMethod = "none"
+    # LoRA rank: higher adds capacity and memory (seed: 32).
+    r: int = 32
+    # LoRA scale numerator; the update is scaled by alpha / r.
+    alpha: int = 32
+    # Dropout on the LoRA input (seed: 0.05).
+    dropout: float = 0.05
+    # Module names to adapt; empty means ["q", "v"] for T5 and peft's defaults otherwise.
+    target_modules: list[str] = field(default_factory=list)
+    # Also write final/merged/: the base model with the adapter merged in.
+    merge_on_save: bool = False
+
+    def validate(self) -> None:
+        at_least("peft.r", self.r, 1)
+        positive("peft.alpha", self.alpha, example=32)
+        in_range("peft.dropout", self.dropout, 0, 1, example=0.05)
+
+
+@dataclass
+class CheckpointConfig(Validated):
+    SECTION: ClassVar[str] = "checkpoint"
+
+    # Save a resumable checkpoint every N optimizer steps (0: only when stopped by a signal).
+    every_steps: int = 0
+    # Complete checkpoints kept; older ones are pruned after a new one is complete.
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        at_least("checkpoint.every_steps", self.every_steps, 0, "0: only when stopped by a signal")
+        at_least("checkpoint.keep_last", self.keep_last, 1)
+
+
+@dataclass
+class FinetuneConfig(Validated):
+    # Everything the run writes: config.yaml, metrics.jsonl, checkpoints/, final/.
+    output_dir: str = "outputs/run"
+    # Seeds model init (LoRA), data order and dropout.
+    seed: int = 42
+    # auto: continue from the newest complete checkpoint in output_dir; never; or a path.
+    resume: str = "auto"
+    # Resume even if model, data or global batch changed since the checkpoint.
+    allow_config_change: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -22,11 +22,13 @@ def main() -> int:
     cfg = parse_config(FinetuneConfig)
     trainer = Trainer(cfg)
     if not trainer.setup():
+        trainer.runtime.shutdown()
         return 0  # already finished
     try:
         trainer.train()
     except StopForRequeue as stop:
         print(f"clustertune: {stop}", file=sys.stderr, flush=True)
+        trainer.runtime.shutdown()  # every rank saved and agreed to stop
         return exit_code_after_stop()  # 75, or 0 + status file under clustertune-launch
     trainer.save_final()
     trainer.cleanup()

@@ -46,6 +46,17 @@ def init_process_state(use_deepspeed: bool) -> Any:
     return PartialState()
 
 
+def leave_process_group() -> None:
+    """The last call of every rank after a run. Exiting with the process group (gloo's threads)
+    still alive can end a process in std::terminate, "terminate called without an active
+    exception" + SIGABRT, after all its work is done: seen on CPU under load after a complete
+    ZeRO-3 run, which torchrun then reports as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_ranks_agree(ok: bool) -> bool:
     """True only if `ok` on every rank (all-reduce MIN); every rank must call it."""
     import torch.distributed as dist

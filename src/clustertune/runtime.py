@@ -27,6 +27,7 @@ from clustertune.distributed import (
     deepspeed_config_path,
     init_process_state,
     launched_world_size,
+    leave_process_group,
 )
 from clustertune.errors import UserError
 from clustertune.modeling import load_model_config, model_kind, resolve_dtype
@@ -156,6 +157,11 @@ class Runtime:
     def main_process_first(self) -> AbstractContextManager[None]:
         """Rank 0 runs the block first (tokenise and cache); the others then read the cache."""
         return self.process_state.main_process_first()
+
+    def shutdown(self) -> None:
+        """Every rank, last (after the final barrier): leave the process group cleanly."""
+        if self.process_state is not None:
+            leave_process_group()
 
     # ------------------------------------------------------------ main process only
     def log(self, message: str) -> None:

@@ -495,3 +495,4 @@ class Trainer:
         if self.cfg.train.report_to:
             self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
+        self.runtime.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+
+
+def load_recipe(name: str):
+    """recipes/<name>.py as a module named <name>_recipe: never put recipes/ on sys.path, where
+    recipes/evaluate.py would shadow the `evaluate` library for the rest of the test session."""
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def recipe_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, describe, launch_command, recipe_env, run, train_losses
+from helpers import REPO, describe, launch_command, load_recipe, recipe_env, run, train_losses
 
 from clustertune.config import TrainConfig
 from clustertune.deepspeed_config import (
@@ -24,8 +24,6 @@ from clustertune.deepspeed_config import (
     fill_scheduler_autos,
 )
 from clustertune.errors import UserError
-
-sys.path.insert(0, str(REPO / "recipes"))
 
 SHIPPED_ZERO2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
 WHERE = "the DeepSpeed config"  # no launch file in a unit test: no path to name
@@ -224,7 +222,7 @@ def test_every_key_deepspeed_reads_is_known():
 
 
 def finetune(args: list[str], capsys) -> tuple[int, str]:
-    import finetune as recipe
+    recipe = load_recipe("finetune")
 
     sys.argv = ["finetune.py", *args]
     with pytest.raises(SystemExit) as exit_info:

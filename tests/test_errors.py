@@ -7,14 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, describe, run
-
-sys.path.insert(0, str(REPO / "recipes"))
+from helpers import REPO, describe, load_recipe, run
 
 
 def finetune(args: list[str], capsys) -> tuple[int, str]:
     """Run recipes/finetune.py's main() in this process (fast), as a user would call it."""
-    import finetune as recipe
+    recipe = load_recipe("finetune")
 
     sys.argv = ["finetune.py", *args]
     with pytest.raises(SystemExit) as exit_info:

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-
-sys.path.insert(0, str(REPO / "recipes"))
+from helpers import REPO, load_recipe
 
 ERROR_PREFIX = "clustertune: error:"
 
@@ -25,7 +23,7 @@ def run_recipe(recipe: str, args: list[str], capsys) -> tuple[int, str, str]:
     """main() of recipes/<recipe>.py in this process; (exit code, stdout, stderr). `recipe`
     may carry the recipe's first argument too ("evaluate --compare")."""
     name, *first = recipe.split()
-    module = __import__(name)
+    module = load_recipe(name)
     if name == "finetune":  # reads sys.argv
         sys.argv = ["finetune.py", *first, *args]
         call = module.main

@@ -212,6 +212,7 @@ def test_report_layout_rounding_and_table() -> None:
         "best_reference",
         "mean_over_references",
         "first_reference",
+        "evaluate",
     }
     assert set(report["protocol_descriptions"]) == set(report["protocols"])
     assert report["bootstrap"]["num_bootstrap"] == 200 and report["bootstrap"]["seed"] == 1

@@ -8,7 +8,6 @@ that train are real processes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -16,20 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, describe, run
+from helpers import REPO, describe, load_recipe, run
 
 from clustertune.evaluation import EvaluateConfig
 from clustertune.evaluation.config import EvalDataConfig, resolve_config
 
 PROMPT = "Chat {dialogue} TLDR"  # not the default: evaluation must find it in the run
 LEARNING_RATE = 1e-3
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_args(smoke_assets, out: Path, *extra: str) -> list[str]:

@@ -10,6 +10,8 @@ Where things live:
                 merging the predictions gathered from all ranks;
 - evaluator.py  the `Evaluator` lifecycle: accelerator, model (LoRA merged), batch_size auto,
                 distributed generate, save;
+- adapters.py   many LoRA adapters of one base in one job (model.adapter_paths): loaded
+                beside the base with peft's multi-adapter API, switched per system;
 - report.py     per-example scores (predictions.jsonl) and the report (rouge.json);
 - compare.py    side-by-side comparison of evaluations (comparison.md, comparison.png).
 
@@ -25,6 +27,7 @@ Why the result is the same for 1, 2 or N ranks:
   pass gathers parameters collectively: a rank that stopped early would hang the others.
 """
 
+from clustertune.evaluation.adapters import System, default_names
 from clustertune.evaluation.compare import (
     compare_main,
     compare_runs,
@@ -63,12 +66,14 @@ __all__ = [
     "EvaluateConfig",
     "Evaluator",
     "GenerationSettings",
+    "System",
     "adapter_base",
     "assign_ids",
     "compare_main",
     "compare_runs",
     "comparison_table",
     "count_generated",
+    "default_names",
     "example_scores",
     "generate_kwargs",
     "load_eval_set",

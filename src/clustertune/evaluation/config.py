@@ -1,14 +1,15 @@
 """The evaluation config: `EvaluateConfig` and its sections, their value checks, and resolution.
 
-- `EvalModelConfig`, `EvalDataConfig`, `GenerationSettings`, `EvaluateConfig`: the keys of
-  recipes/evaluate.py (`--help` lists them). Where an eval default is the training default
-  (seed, dtype, prompt template, source column, truncation, ...), it is read from
-  `clustertune.config`, so the two cannot drift apart.
+- `EvalModelConfig`, `EvalDataConfig`, `GenerationSettings`, `RougeSettings`,
+  `EvaluateConfig`: the keys of recipes/evaluate.py (`--help` lists them). Where an eval
+  default is the training default (seed, dtype, prompt template, source column,
+  truncation, ...), it is read from `clustertune.config`, so the two cannot drift apart.
   Enumerated keys are `Literal`s, checked by `clustertune.config.Validated` when a section
   is built (one line naming the key and its choices).
 - `resolve_config`: fills every unset key, before any model is loaded or process group made:
   from `run_dir` (`_from_run_dir`: the run's final/ and its prompt settings), from the
-  adapter (`adapter_base`: the base it records), else the training defaults; then
+  adapter (`adapter_base`: the base it records; for adapter_paths `_adapter_set`: one
+  base, one folder name each), else the training defaults; then
   `_check_values` checks what needs the resolved values (`_check_data`: eval data given,
   the prompt's placeholder). Each section's own values are checked by its `validate()`
   when the section is built, before anything is resolved.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from clustertune.checkpoint import MARKER as CHECKPOINT_MARKER
 from clustertune.config import (
@@ -37,6 +38,7 @@ from clustertune.config import (
     positive,
 )
 from clustertune.errors import UserError
+from clustertune.evaluation.adapters import check_adapter_keys, check_names, default_names
 from clustertune.run_identity import (
     FINAL_MARKER,
     FINAL_PROMPT_KEYS,
@@ -61,6 +63,20 @@ class EvalModelConfig(Validated):
     allow_base_mismatch: bool = False
     # auto | bf16 | fp32 | fp16 (fp16 refused for T5). auto: bf16 where supported, else fp32.
     dtype: Precision = _TRAINING.model.dtype
+    # Several LoRA adapter folders of one base, evaluated in one job: the base is loaded once
+    # and the adapters switched (not merged); each writes <output_dir>/<name>/, and
+    # comparison.md/.png of all of them go to output_dir. Not with adapter_path or run_dir.
+    adapter_paths: list[str] | None = None
+    # One folder name per adapter_paths entry. Unset: each adapter folder's name (a training
+    # run's final/: the run folder's name).
+    adapter_names: list[str] | None = None
+    # With adapter_paths: also evaluate the base model itself (adapters disabled), as base/.
+    include_base: bool = False
+
+    def validate(self) -> None:
+        check_adapter_keys(
+            self.adapter_path, self.adapter_paths, self.adapter_names, self.include_base
+        )
 
 
 @dataclass
@@ -140,6 +156,23 @@ class GenerationSettings(Validated):
         positive("generation.repetition_penalty", self.repetition_penalty, example=1.0)
 
 
+# The report names of clustertune.rouge's protocols (tests check that the two lists agree).
+HeadlineProtocol = Literal["best_reference", "mean_over_references", "first_reference", "evaluate"]
+
+
+@dataclass
+class RougeSettings(Validated):
+    SECTION: ClassVar[str] = "rouge"
+
+    # Porter stemming before matching (rouge_score's use_stemmer), in every protocol. true: the
+    # transformers summarisation examples and the FLAN-T5 course lab; false: evaluate's default.
+    use_stemmer: bool = True
+    # Protocol of rouge.json's top-level rouge1..rougeLsum and the table's CI column:
+    # best_reference | mean_over_references | first_reference | evaluate (rouge.json's
+    # protocol_descriptions says how each is computed).
+    headline: HeadlineProtocol = "best_reference"
+
+
 @dataclass
 class EvaluateConfig(Validated):
     # Everything the evaluation writes: config.yaml, predictions.jsonl, rouge.json.
@@ -164,6 +197,7 @@ class EvaluateConfig(Validated):
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    rouge: RougeSettings = field(default_factory=RougeSettings)
 
     def validate(self) -> None:
         in_range("auto_batch_margin", self.auto_batch_margin, 0, 1, example=0.1)
@@ -171,6 +205,12 @@ class EvaluateConfig(Validated):
             at_least("batch_size", int(self.batch_size), 1)
         at_least("auto_batch_max", self.auto_batch_max, 1)
         at_least("num_bootstrap", self.num_bootstrap, 1)
+        if self.run_dir is not None and self.model.adapter_paths is not None:
+            # run_dir names one model (and its prompt): which of them would it apply to?
+            raise UserError(
+                "run_dir and model.adapter_paths both name the model; set only one of them "
+                "(list the run's final/ in model.adapter_paths)."
+            )
 
 
 # ------------------------------------------------------- resolving the model before compute
@@ -184,27 +224,28 @@ def _same_model(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def adapter_base(adapter_path: str) -> str:
-    """The base model an adapter was trained on, read from its adapter_config.json."""
+def adapter_base(adapter_path: str, key: str = "model.adapter_path") -> str:
+    """The base model an adapter was trained on, read from its adapter_config.json; `key` is
+    the config key the errors name."""
     folder = Path(adapter_path).expanduser()
     if not folder.is_dir():
         raise UserError(
-            f"model.adapter_path: '{adapter_path}' does not exist; give the adapter folder "
+            f"{key}: '{adapter_path}' does not exist; give the adapter folder "
             "(a LoRA run's final/, with adapter_config.json)."
         )
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(
-            f"model.adapter_path: '{adapter_path}' has no adapter_config.json, so it is not a "
+            f"{key}: '{adapter_path}' has no adapter_config.json, so it is not a "
             "LoRA adapter; for a full fine-tune set model.name_or_path to it instead."
         )
     try:
         base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as error:
-        raise UserError(f"model.adapter_path: {config_file} is not valid JSON ({error}).") from None
+        raise UserError(f"{key}: {config_file} is not valid JSON ({error}).") from None
     if not base:
         raise UserError(
-            f"model.adapter_path: {config_file} names no base_model_name_or_path; set model.name_or_path."
+            f"{key}: {config_file} names no base_model_name_or_path; set model.name_or_path."
         )
     return str(base)
 
@@ -284,6 +325,22 @@ def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
     return replace(cfg, model=model, data=data)
 
 
+def _adapter_set(model: EvalModelConfig) -> tuple[EvalModelConfig, str]:
+    """model.adapter_paths: every folder an adapter, all of one base (returned), and one
+    distinct folder name each (filled from the folder names where unset)."""
+    paths = model.adapter_paths or []
+    bases = [adapter_base(path, "model.adapter_paths") for path in paths]
+    for path, base in zip(paths[1:], bases[1:], strict=True):
+        if not _same_model(base, bases[0]):
+            raise UserError(
+                f"model.adapter_paths: '{paths[0]}' was trained on base '{bases[0]}' but '{path}' "
+                f"on base '{base}'; one job evaluates adapters of one base: run one job per base."
+            )
+    names = model.adapter_names if model.adapter_names is not None else default_names(paths)
+    check_names(names, model.include_base)
+    return replace(model, adapter_names=list(names)), bases[0]
+
+
 def _check_output_dir(cfg: EvaluateConfig) -> None:
     """Evaluation writes config.yaml, predictions.jsonl and rouge.json: never into a training
     run's folder, whose config.yaml is that run's single source of truth."""
@@ -317,15 +374,20 @@ def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
             notes.append(
                 f"run_dir sets the model: model.name_or_path {previous} -> {cfg.model.name_or_path}"
             )
-    model = cfg.model
+    model, recorded_base, adapters = cfg.model, None, ""
     if model.adapter_path is not None:
         recorded_base = adapter_base(model.adapter_path)
+        adapters = f"model.adapter_path: the adapter in '{model.adapter_path}' was"
+    elif model.adapter_paths is not None:
+        model, recorded_base = _adapter_set(model)
+        adapters = "model.adapter_paths: the adapters were"
+    if recorded_base is not None:
         if model.name_or_path is None:
             model = replace(model, name_or_path=recorded_base)
         elif not _same_model(model.name_or_path, recorded_base):
             if not model.allow_base_mismatch:
                 raise UserError(
-                    f"model.adapter_path: the adapter in '{model.adapter_path}' was trained on base "
+                    f"{adapters} trained on base "
                     f"'{recorded_base}', but model.name_or_path is '{model.name_or_path}'; set "
                     f"model.name_or_path={recorded_base} (or model.allow_base_mismatch=true for a copy of it)."
                 )

@@ -5,12 +5,16 @@ Lifecycle (like the Trainer): Evaluator(cfg).setup() -> generate() -> save() -> 
 - `setup`: resolve the config (config.py), build the accelerator (DDP, or DeepSpeed with
   ZeRO-1/2 run as stage 0 and ZeRO-3 partitioned), load the tokenizer and the eval set
   (evalset.py), then the model (`_setup_model`; a LoRA adapter merged by
-  `_load_merged_adapter`) and, for `batch_size: auto`, the batch size (`_auto_batch_size`);
-  only then, every check passed, the resolved config.yaml.
-- `generate`: every rank generates its batches (`deal_to_ranks`; under ZeRO-3 with
-  `synced_gpus=True`, since each forward gathers parameters collectively and a rank that
-  stopped early would hang the others); the (id, text) records are gathered to all ranks.
-- `save`: the main process scores and writes rouge.json and predictions.jsonl (report.py).
+  `_load_merged_adapter`; model.adapter_paths: all loaded beside one base, adapters.py), the
+  systems to evaluate (one; or one per adapter, plus the base) and, for `batch_size: auto`,
+  the batch size (`_auto_batch_size`, once for all systems); only then, every check passed,
+  the resolved config.yaml (and each system's own, in its folder).
+- `generate`: for each system (its adapter switched on), every rank generates its batches
+  (`_generate_system`; `deal_to_ranks`; under ZeRO-3 with `synced_gpus=True`, since each
+  forward gathers parameters collectively and a rank that stopped early would hang the
+  others); the (id, text) records are gathered to all ranks.
+- `save`: the main process scores and writes rouge.json and predictions.jsonl per system
+  (`_save_system`, report.py), and with several systems their comparison.
 - `cleanup`: every rank waits until the main process is done.
 """
 
@@ -38,6 +42,16 @@ from clustertune.config import ModelConfig, PeftConfig
 from clustertune.deepspeed_config import zero_stage
 from clustertune.distributed import all_ranks_agree
 from clustertune.errors import UserError
+from clustertune.evaluation.adapters import (
+    System,
+    adapter_load_error,
+    adapter_ranks,
+    adapter_systems,
+    load_adapters,
+    probe_system,
+    single_system,
+    write_comparison,
+)
 from clustertune.evaluation.config import EvaluateConfig, generate_kwargs, resolve_config
 from clustertune.evaluation.evalset import (
     EvalSet,
@@ -69,11 +83,10 @@ class Evaluator:
     eval_set: EvalSet
     model: Any  # prepared (the DeepSpeed engine under ZeRO-3)
     generator: Any  # the unwrapped model whose generate() is called
+    systems: list[System]  # what is evaluated: one, or each adapter (and the base) of the job
     auto_batch: SearchResult | None  # the search trace when batch_size is auto
     batch_size: int
-    # ------------------------------------------------------------ set in generate()
-    predictions: list[str]  # in eval-set order, one per example
-    throughput: dict[str, Any]
+    # generate() sets each system's predictions (in eval-set order) and throughput
 
     def __init__(self, cfg: EvaluateConfig) -> None:
         self.cfg = cfg
@@ -137,21 +150,41 @@ class Evaluator:
             f"{eval_set.num_truncated} prompts truncated to {cfg.data.max_source_length} tokens"
         )
         self._setup_model()
+        self.systems = (
+            adapter_systems(cfg, self.output_dir, self.generator)
+            if self.multi
+            else [single_system(cfg, self.output_dir)]
+        )
         self.auto_batch = None
         if cfg.batch_size == "auto":
-            self.auto_batch = self._auto_batch_size()
+            probe = probe_system(self.systems, self.generator) if self.multi else self.systems[0]
+            with probe.activate():
+                self.auto_batch = self._auto_batch_size()
             self.batch_size = self.auto_batch.chosen
         else:
             self.batch_size = cfg.batch_size
         # Last: a config that failed any check above (a bad reference column, a model that
         # does not load) leaves no config.yaml claiming an evaluation that never ran.
         runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
+        if self.multi:  # each system's folder: the config that evaluates it alone
+            for system in self.systems:
+                runtime.write_resolved_config(
+                    system.cfg,
+                    f"{system.name}/config.yaml",
+                    header=self._config_header(system.output_dir, f" ({system.name} alone)"),
+                )
+
+    @property
+    def multi(self) -> bool:
+        """model.adapter_paths: one job, several systems, each in its own folder."""
+        return self.cfg.model.adapter_paths is not None
 
     def _setup_model(self) -> None:
-        cfg, accel = self.cfg, self.accelerator
-        # With an adapter the base is loaded whole (not partitioned by zero.Init) so that the
-        # adapter can be loaded and merged; deepspeed.initialize partitions it afterwards.
-        loading = zero3_init_disabled() if cfg.model.adapter_path else contextlib.nullcontext()
+        cfg, accel, adapters = self.cfg, self.accelerator, self.cfg.model.adapter_paths
+        # With adapters the base is loaded whole (not partitioned by zero.Init) so that they
+        # can be loaded (and one merged); deepspeed.initialize partitions it afterwards.
+        whole = cfg.model.adapter_path or adapters
+        loading = zero3_init_disabled() if whole else contextlib.nullcontext()
         with loading:
             model = build_model(
                 ModelConfig(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype),
@@ -160,6 +193,9 @@ class Evaluator:
             )
         if cfg.model.adapter_path:
             model = _load_merged_adapter(model, cfg.model.adapter_path, cfg.model.name_or_path)
+        elif adapters:
+            names = cfg.model.adapter_names or []
+            model = load_adapters(model, adapters, names, cfg.model.name_or_path)
         model.eval().requires_grad_(False)
         if self.ds_config is not None:
             # ZeRO-3: the engine partitions the weights; its forward hooks gather them per layer.
@@ -170,10 +206,16 @@ class Evaluator:
             self.model = accel.prepare_model(model, evaluation_mode=True)
         self.generator = accel.unwrap_model(self.model)
         self.generator.eval()
+        loaded = (
+            f" + adapter {cfg.model.adapter_path} (merged)"
+            if cfg.model.adapter_path
+            else f" + {len(adapters)} adapter(s) {', '.join(cfg.model.adapter_names or [])} "
+            "(switched, not merged)"
+            if adapters
+            else ""
+        )
         self.runtime.log(
-            f"model: {cfg.model.name_or_path}"
-            + (f" + adapter {cfg.model.adapter_path} (merged)" if cfg.model.adapter_path else "")
-            + f", {self.kind}, dtype {self.dtype}, {self.strategy}, {self.world_size} process(es)"
+            f"model: {cfg.model.name_or_path}{loaded}, {self.kind}, dtype {self.dtype}, {self.strategy}, {self.world_size} process(es)"
         )
 
     @property
@@ -208,6 +250,8 @@ class Evaluator:
             world_size=self.world_size,
             kind=self.kind,
             generation=asdict(generation),
+            # Unmerged adapters add LoRA activations to the base's: their ranks key the cache.
+            **({"adapter_ranks": adapter_ranks(self.generator)} if self.multi else {}),
         )
         pad = self.tokenizer.pad_token_id
         kwargs = {**generate_kwargs(generation), "min_new_tokens": generation.max_new_tokens}
@@ -256,9 +300,16 @@ class Evaluator:
         return result
 
     # -------------------------------------------------------------- generate
-    @torch.no_grad()
     def generate(self) -> None:
-        """Every rank generates its batches; predictions are gathered to all ranks by id."""
+        """Each system in turn, its adapter switched on: see `_generate_system`."""
+        for system in self.systems:
+            with system.activate():
+                system.predictions, system.throughput = self._generate_system(system.name)
+
+    @torch.no_grad()
+    def _generate_system(self, name: str | None) -> tuple[list[str], dict[str, Any]]:
+        """Every rank generates its batches; predictions are gathered to all ranks by id.
+        Returns the predictions in eval-set order and the throughput figures."""
         from accelerate.utils import gather_object
 
         cfg, accel, es = self.cfg, self.accelerator, self.eval_set
@@ -276,7 +327,8 @@ class Evaluator:
         if self.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=len(mine), desc="generating", dynamic_ncols=True)
+            desc = f"generating {name}" if name else "generating"
+            progress = tqdm(total=len(mine), desc=desc, dynamic_ncols=True)
         records: list[tuple[str, str, int]] = []
         real_tokens = padded_slots = 0
         accel.wait_for_everyone()
@@ -315,10 +367,10 @@ class Evaluator:
         stats = gather_object([(real_tokens, padded_slots)])
         accel.wait_for_everyone()
         seconds = time.perf_counter() - start
-        self.predictions = merge_predictions(gathered, es.ids)
+        predictions = merge_predictions(gathered, es.ids)
         generated_tokens = merge_predictions([(r[0], r[2]) for r in gathered], es.ids)
         total_generated = int(sum(generated_tokens))
-        self.throughput = {
+        throughput = {
             "examples_per_second": round(len(es.ids) / seconds, 3),
             "generated_tokens_per_second": round(total_generated / seconds, 1),
             "generation_seconds": round(seconds, 3),
@@ -334,43 +386,59 @@ class Evaluator:
             "sort_by_length": cfg.sort_by_length,
             "device": accel.device.type,
         }
-        throughput = self.throughput
         self._log(
-            f"generated {len(es.ids)} examples in {seconds:.2f} s: {throughput['examples_per_second']:.2f} examples/s, "
+            f"{name + ': ' if name else ''}generated {len(es.ids)} examples in {seconds:.2f} s: {throughput['examples_per_second']:.2f} examples/s, "
             f"{throughput['generated_tokens_per_second']:.1f} generated tokens/s, prompt padding efficiency "
             f"{throughput['prompt_padding_efficiency']:.2f} ({'sorted' if cfg.sort_by_length else 'dataset order'})"
         )
+        return predictions, throughput
 
     # -------------------------------------------------------------- score and save
     def save(self) -> dict[str, Any] | None:
-        """Main process only: score, write predictions.jsonl and rouge.json, print the table."""
+        """Main process only: score and write each system's predictions.jsonl and rouge.json;
+        one system: print its table and return its report; several: print and write their
+        comparison (comparison.md, comparison.png in output_dir) and return {name: report}."""
         if not self.is_main:
             return None
-        cfg, es = self.cfg, self.eval_set
+        if not self.multi:
+            report = self._save_system(self.systems[0])
+            print(rouge.format_table(report), flush=True)
+            print(self._wrote(self.systems[0]), flush=True)
+            return report
+        reports = {}
+        for system in self.systems:
+            reports[str(system.name)] = self._save_system(system)
+            print(self._wrote(system), flush=True)
+        print(write_comparison(self.systems, self.output_dir), flush=True)
+        print(f"wrote {self.output_dir / 'comparison.md'} and comparison.png", flush=True)
+        return reports
+
+    def _save_system(self, system: System) -> dict[str, Any]:
+        """One system's rouge.json and predictions.jsonl, in its folder, as its single run writes them."""
         report = build_report(
-            cfg,
-            es,
-            self.predictions,
+            system.cfg,
+            self.eval_set,
+            system.predictions,
             kind=self.kind,
             dtype=self.dtype,
-            throughput=self.throughput,
+            throughput=system.throughput,
             auto_batch=self.auto_batch,
         )
-        write_outputs(self.output_dir, report, es, self.predictions)
-        print(rouge.format_table(report), flush=True)
-        print(
-            f"wrote {self.output_dir / 'rouge.json'} and {self.output_dir / 'predictions.jsonl'}",
-            flush=True,
-        )
+        write_outputs(system.output_dir, report, self.eval_set, system.predictions)
         return report
+
+    @staticmethod
+    def _wrote(system: System) -> str:
+        return f"wrote {system.output_dir / 'rouge.json'} and {system.output_dir / 'predictions.jsonl'}"
 
     def cleanup(self) -> None:
         self.accelerator.wait_for_everyone()  # no rank tears down the process group while main scores
+        self.runtime.shutdown()
 
-    def _config_header(self) -> str:
+    def _config_header(self, folder: Path | None = None, what: str = "") -> str:
         return (
-            "# Resolved evaluation config (the single source of truth); rerun with:\n"
-            f"#   python recipes/evaluate.py --config {self.output_dir / 'config.yaml'}\n"
+            f"# Resolved evaluation config{what} (the single source of truth); rerun with:\n"
+            f"#   python recipes/evaluate.py --config {(folder or self.output_dir) / 'config.yaml'}\n"
         )
 
     def _log(self, message: str) -> None:
@@ -378,19 +446,10 @@ class Evaluator:
 
 
 def _load_merged_adapter(model: Any, adapter_path: str, base: str) -> Any:
-    """Apply a LoRA adapter and merge it into the weights (plain layers generate faster).
-    A shape mismatch means the adapter was made for another base: one sentence, not a traceback."""
+    """Apply a LoRA adapter and merge it into the weights (plain layers generate faster)."""
     from peft import PeftModel
 
     try:
         return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()
-        detail = next(
-            (line.strip() for line in first if "size mismatch" in line),
-            first[0] if first else type(error).__name__,
-        )
-        raise UserError(
-            f"model.adapter_path: the adapter in '{adapter_path}' does not fit base model '{base}' ({detail[:300]}); "
-            "it was made for another base: set model.name_or_path to that base."
-        ) from None
+        raise adapter_load_error(error, "model.adapter_path", adapter_path, base) from None

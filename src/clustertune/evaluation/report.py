@@ -1,9 +1,11 @@
 """What an evaluation writes: per-example scores (predictions.jsonl) and the report (rouge.json).
 
 - `example_scores`: one example's ROUGE under the report's protocol names (best reference,
-  mean over references, first reference) and per reference, rounded for predictions.jsonl.
-- `build_report`: rouge.json: `rouge.rouge_report` (scores, protocols, bootstrap intervals)
-  plus what was evaluated (model, dataset, generation settings), throughput and auto_batch.
+  mean over references, first reference, evaluate) and per reference, rounded for
+  predictions.jsonl (what `--compare`'s paired bootstrap reads).
+- `build_report`: rouge.json: `rouge.rouge_report` (scores, protocols, bootstrap intervals,
+  headline protocol, stemmer setting) plus what was evaluated (model, dataset, generation
+  settings), throughput and auto_batch.
 - `prediction_lines`, `write_outputs`: predictions.jsonl and rouge.json, written atomically.
 """
 
@@ -26,9 +28,11 @@ def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
     return {metric: round(value, 4) for metric, value in scores.items()}
 
 
-def example_scores(prediction: str, references: list[str]) -> dict[str, Any]:
+def example_scores(
+    prediction: str, references: list[str], *, use_stemmer: bool = True
+) -> dict[str, Any]:
     """Per-example ROUGE for predictions.jsonl, under the report's protocol names."""
-    scores = rouge.score_example(prediction, references)
+    scores = rouge.score_example(prediction, references, use_stemmer=use_stemmer)
     return {
         **{rouge.REPORT_PROTOCOL_NAMES[p]: _rounded(scores[p]) for p in rouge.PROTOCOLS},
         "per_reference": [_rounded(s) for s in scores["per_reference"]],
@@ -47,7 +51,12 @@ def build_report(
 ) -> dict[str, Any]:
     """The content of rouge.json: scores with bootstrap intervals, then what produced them."""
     report = rouge.rouge_report(
-        predictions, eval_set.references, num_bootstrap=cfg.num_bootstrap, seed=cfg.seed
+        predictions,
+        eval_set.references,
+        use_stemmer=cfg.rouge.use_stemmer,
+        headline=cfg.rouge.headline,
+        num_bootstrap=cfg.num_bootstrap,
+        seed=cfg.seed,
     )
     report["model"] = {
         "name_or_path": cfg.model.name_or_path,
@@ -75,7 +84,9 @@ def build_report(
     return report
 
 
-def prediction_lines(eval_set: EvalSet, predictions: Sequence[str]) -> list[str]:
+def prediction_lines(
+    eval_set: EvalSet, predictions: Sequence[str], *, use_stemmer: bool = True
+) -> list[str]:
     """One JSON line per example, in eval-set order: id, prompt, prediction, references, scores."""
     lines = []
     for example_id, prompt, prediction, references in zip(
@@ -88,7 +99,7 @@ def prediction_lines(eval_set: EvalSet, predictions: Sequence[str]) -> list[str]
                     "prompt": prompt,
                     "prediction": prediction,
                     "references": references,
-                    "scores": example_scores(prediction, references),
+                    "scores": example_scores(prediction, references, use_stemmer=use_stemmer),
                 }
             )
         )
@@ -98,7 +109,8 @@ def prediction_lines(eval_set: EvalSet, predictions: Sequence[str]) -> list[str]
 def write_outputs(
     output_dir: Path, report: Mapping[str, Any], eval_set: EvalSet, predictions: Sequence[str]
 ) -> None:
-    """predictions.jsonl, then rouge.json, each atomically."""
-    lines = prediction_lines(eval_set, predictions)
+    """predictions.jsonl, then rouge.json, each atomically. The per-example scores use the
+    report's stemmer setting, so they average to its means."""
+    lines = prediction_lines(eval_set, predictions, use_stemmer=report.get("use_stemmer", True))
     write_text_atomic(output_dir / "predictions.jsonl", "\n".join(lines) + "\n")
     write_text_atomic(output_dir / "rouge.json", json.dumps(report, indent=2) + "\n")

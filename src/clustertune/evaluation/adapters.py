@@ -1,0 +1,196 @@
+"""Many LoRA adapters of one base in one job: the base is loaded once, the adapters are loaded
+into it with peft's multi-adapter API and switched per system, never merged.
+
+- `check_adapter_keys`: the model keys that cannot go together (EvalModelConfig.validate);
+- `default_names`, `check_names`: one folder name per adapter under output_dir (resolve_config);
+- `load_adapters`: `PeftModel.from_pretrained(base, first, adapter_name=...)` then
+  `load_adapter(...)` for the others: one base in memory however many adapters;
+- `System`: one model evaluated (the run itself, or one adapter, or the base with the
+  adapters disabled): its name, folder, the config its rouge.json and config.yaml record (as
+  if it had been evaluated alone) and how to make it the one `generate` runs;
+- `single_system`, `adapter_systems`, `probe_system`: the systems of a job, and the one
+  batch_size auto probes with;
+- `write_comparison`: comparison.md / comparison.png of all systems (compare.compare_runs).
+
+Why switching instead of merging: merging adapter k into the base would need the base
+restored (unmerged, with rounding) before adapter k+1; with the adapters kept beside the base
+(`set_adapter`, `disable_adapter()`) the base weights are never written, so each system runs
+on the exact weights a separate job would load. In fp32 an unmerged adapter generates the
+same text as the merged one (tests/test_multi_adapter.py checks it against single jobs,
+which merge); in bf16 W + BA rounded once can differ from W x + B(A x) in the last bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clustertune.errors import UserError
+
+if TYPE_CHECKING:  # config.py imports this module: no import of config at run time
+    from clustertune.evaluation.config import EvaluateConfig
+
+BASE_NAME = "base"  # model.include_base: the base model's folder and label
+# Files a multi-adapter job writes into output_dir itself: no adapter folder may take a name.
+_TOP_LEVEL_FILES = ("config.yaml", "auto_batch.json", "comparison.md", "comparison.png")
+
+
+def check_adapter_keys(
+    adapter_path: str | None,
+    adapter_paths: Sequence[str] | None,
+    adapter_names: Sequence[str] | None,
+    include_base: bool,
+) -> None:
+    """The model keys of adapters that go together only one way; checked before anything runs."""
+    if adapter_paths is not None and adapter_path is not None:
+        raise UserError(
+            "model.adapter_path and model.adapter_paths are both set; use adapter_path for one "
+            "adapter (merged) or adapter_paths for several (switched), not both."
+        )
+    if adapter_paths is not None and not adapter_paths:
+        raise UserError(
+            "model.adapter_paths is empty; list the adapter folders, e.g. [run_a/final]."
+        )
+    if adapter_names is not None and adapter_paths is None:
+        raise UserError(
+            "model.adapter_names names the folders of model.adapter_paths, which is unset."
+        )
+    if adapter_names is not None and len(adapter_names) != len(adapter_paths or []):
+        raise UserError(
+            f"model.adapter_names has {len(adapter_names)} names for {len(adapter_paths or [])} "
+            "model.adapter_paths; give one name per adapter (or none: the folder names)."
+        )
+    if include_base and adapter_paths is None:
+        raise UserError(
+            "model.include_base needs model.adapter_paths; to evaluate the base alone set only "
+            "model.name_or_path."
+        )
+
+
+def default_names(adapter_paths: Sequence[str]) -> list[str]:
+    """Each adapter folder's name; a training run's final/ is named after its run folder."""
+    names = []
+    for path in adapter_paths:
+        folder = Path(path).expanduser().resolve()
+        names.append(folder.parent.name if folder.name == "final" else folder.name)
+    return names
+
+
+def check_names(names: Sequence[str], include_base: bool) -> None:
+    """Names become folders under output_dir: plain, distinct, and none the base's folder."""
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(
+                f"model.adapter_names: '{name}' is not a plain folder name; use e.g. lora_r8."
+            )
+        if name in _TOP_LEVEL_FILES:
+            raise UserError(
+                f"model.adapter_names: '{name}' is a file the job writes into output_dir; rename it."
+            )
+    taken = [*names, *([BASE_NAME] if include_base else [])]
+    duplicate = next((name for name in taken if taken.count(name) > 1), None)
+    if duplicate is not None:
+        why = (
+            f" (model.include_base writes the base model under {BASE_NAME}/)"
+            if include_base and duplicate == BASE_NAME
+            else ""
+        )
+        raise UserError(
+            f"model.adapter_names: '{duplicate}' names two systems{why}; each writes "
+            f"<output_dir>/<name>/: set distinct model.adapter_names, one per adapter."
+        )
+
+
+def adapter_load_error(error: Exception, key: str, adapter_path: str, base: str) -> UserError:
+    """A shape mismatch means the adapter was made for another base: one sentence, not a traceback."""
+    first = str(error).strip().splitlines()
+    detail = next(
+        (line.strip() for line in first if "size mismatch" in line),
+        first[0] if first else type(error).__name__,
+    )
+    return UserError(
+        f"{key}: the adapter in '{adapter_path}' does not fit base model '{base}' ({detail[:300]}); "
+        "it was made for another base: set model.name_or_path to that base."
+    )
+
+
+def load_adapters(model: Any, paths: Sequence[str], names: Sequence[str], base: str) -> Any:
+    """Every adapter into one PeftModel around `model`, under its name; none merged."""
+    from peft import PeftModel
+
+    peft_model = None
+    for path, name in zip(paths, names, strict=True):
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                peft_model.load_adapter(path, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise adapter_load_error(error, "model.adapter_paths", path, base) from None
+    return peft_model
+
+
+@dataclass
+class System:
+    """One model that a job evaluates and writes: the run itself, one adapter, or the base."""
+
+    name: str | None  # None: the single evaluation of a job, written into output_dir itself
+    cfg: EvaluateConfig  # as if evaluated alone: what its rouge.json and config.yaml record
+    output_dir: Path
+    activate: Callable[[], contextlib.AbstractContextManager[Any]]  # makes it the one generated
+    predictions: list[str] = field(default_factory=list)  # set by Evaluator.generate
+    throughput: dict[str, Any] = field(default_factory=dict)
+
+
+def single_system(cfg: EvaluateConfig, output_dir: Path) -> System:
+    return System(None, cfg, output_dir, contextlib.nullcontext)
+
+
+def adapter_systems(cfg: EvaluateConfig, output_dir: Path, generator: Any) -> list[System]:
+    """The base first (with include_base: the others' change is against it), then the adapters
+    in the order given. Each system's cfg is the single evaluation that reproduces it."""
+    model = cfg.model
+    alone = replace(model, adapter_paths=None, adapter_names=None, include_base=False)
+
+    def system(name: str, adapter_path: str | None, activate: Callable[[], Any]) -> System:
+        sub = output_dir / name
+        own = replace(cfg, output_dir=str(sub), model=replace(alone, adapter_path=adapter_path))
+        return System(name, own, sub, activate)
+
+    def switch_to(name: str) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        @contextlib.contextmanager
+        def active() -> Iterator[None]:
+            # inference_mode: peft would otherwise mark the active adapter trainable.
+            generator.set_adapter(name, inference_mode=True)
+            yield
+
+        return active
+
+    systems = [system(BASE_NAME, None, generator.disable_adapter)] if model.include_base else []
+    return systems + [
+        system(name, path, switch_to(name))
+        for name, path in zip(model.adapter_names, model.adapter_paths, strict=True)
+    ]
+
+
+def probe_system(systems: Sequence[System], generator: Any) -> System:
+    """batch_size auto searches once for all systems (they share the base's shapes), with the
+    adapter of the largest rank active: its unmerged LoRA activations are the largest."""
+    adapters = [s for s in systems if s.cfg.model.adapter_path is not None]
+    return max(adapters, key=lambda s: generator.peft_config[s.name].r)
+
+
+def adapter_ranks(generator: Any) -> dict[str, int]:
+    return {name: config.r for name, config in generator.peft_config.items()}
+
+
+def write_comparison(systems: Sequence[System], output_dir: Path) -> str:
+    """comparison.md and comparison.png of every system of the job, into output_dir."""
+    from clustertune.evaluation.compare import compare_runs
+
+    return compare_runs(
+        [str(s.output_dir) for s in systems], [str(s.name) for s in systems], output_dir
+    )

@@ -9,12 +9,35 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+from helpers import REPO
 
 from clustertune import smoke
 from clustertune.atomicio import read_jsonl
-from clustertune.smoke import SCENARIOS, ensure_smoke_assets, generate_dialogsum_like
+from clustertune.smoke import (
+    CHAT_SPLITS,
+    SCENARIOS,
+    ensure_smoke_assets,
+    generate_chats,
+    generate_dialogsum_like,
+)
+from clustertune.smoke.scenarios import (
+    CLOSING_REPLIES,
+    FOLLOW_UPS,
+    SLOT_LABELS,
+    SYSTEM_PROMPTS,
+)
 
-ASSET_KEYS = ["train", "validation", "test", "tiny_t5", "tiny_causal"]
+FOLLOW_UP_ENDS = tuple(question.rsplit("}", 1)[1] for question in FOLLOW_UPS)  # " again?", ...
+ASSET_KEYS = [
+    "train",
+    "validation",
+    "test",
+    "chat_train",
+    "chat_validation",
+    "chat_test",
+    "tiny_t5",
+    "tiny_causal",
+]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +170,10 @@ def test_tokenizer_round_trips_and_appends_eos(assets, offline):
     causal_tokenizer = AutoTokenizer.from_pretrained(assets["tiny_causal"])
     ids = causal_tokenizer(rows[0]["summary"]).input_ids
     assert ids == tokenizer(rows[0]["summary"]).input_ids[:-1]  # no automatic </s>
-    assert causal_tokenizer.pad_token_id == 0 and causal_tokenizer.eos_token_id == 1
+    # The same ids, plus ChatML's two tokens after them; eos is the end of a chat turn.
+    assert len(causal_tokenizer) == len(tokenizer) + 2
+    assert causal_tokenizer.pad_token_id == 0
+    assert causal_tokenizer.eos_token_id == len(tokenizer) + 1
 
 
 def _batch(tokenizer, rows):
@@ -197,3 +223,159 @@ def test_tiny_causal_lm_loads_offline_and_gives_finite_loss(assets, offline):
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     loss = model(**batch, labels=labels).loss
     assert math.isfinite(loss.item()) and loss.item() < 2 * math.log(len(tokenizer))
+
+
+# ------------------------------------------------------------------------------- chat
+
+
+def test_causal_tokenizer_renders_chatml_with_atomic_special_tokens(assets, offline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["tiny_causal"])
+    base_vocab = len(AutoTokenizer.from_pretrained(assets["tiny_t5"]))
+    im_start, im_end = base_vocab, base_vocab + 1
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [im_start, im_end]
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<pad>")
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Which city?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\nWhich city?<|im_end|>\n"
+        "<|im_start|>assistant\nRome.<|im_end|>\n"
+        "<|im_start|>user\nThanks.<|im_end|>\n"
+        "<|im_start|>assistant\nYou are welcome.<|im_end|>\n"
+    )
+    prompt = tokenizer.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt == rendered[: rendered.rindex("You are")]  # ends "<|im_start|>assistant\n"
+
+    # One token each wherever they stand, glued to text or not; the text around is unchanged.
+    ids = tokenizer("x<|im_end|>y<|im_start|>", add_special_tokens=False).input_ids
+    assert ids.count(im_end) == ids.count(im_start) == 1 and ids[-1] == im_start
+    assert ids[: ids.index(im_end)] == tokenizer("x", add_special_tokens=False).input_ids
+    assert im_end not in tokenizer("<|im_end").input_ids  # no partial match
+    rendered_ids = tokenizer(rendered).input_ids
+    assert rendered_ids.count(im_start) == rendered_ids.count(im_end) == len(messages)
+    assert tokenizer.decode(rendered_ids) == rendered
+    assert "<|im_" not in tokenizer.decode(rendered_ids, skip_special_tokens=True)
+
+    # The model has rows for them, and generation stops at the end of a turn.
+    model = AutoModelForCausalLM.from_pretrained(assets["tiny_causal"])
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == im_end + 1
+    assert model.config.eos_token_id == im_end
+    assert model.generation_config.eos_token_id[0] == im_end
+    assert model.generation_config.pad_token_id == 0
+
+
+def _chat_rows(assets) -> dict[str, list[dict]]:
+    return {split: read_jsonl(assets[split]) for split in CHAT_SPLITS}
+
+
+def test_chat_data_rows_are_valid_conversations(assets):
+    rows = _chat_rows(assets)
+    assert {split: len(split_rows) for split, split_rows in rows.items()} == {
+        split: size for split, (size, _) in CHAT_SPLITS.items()
+    }
+    for split_rows in rows.values():
+        assert len({row["id"] for row in split_rows}) == len(split_rows)
+        for row in split_rows:
+            messages = row["messages"]
+            roles = [message["role"] for message in messages]
+            turns = roles[1:] if roles[0] == "system" else roles
+            assert turns == ["user", "assistant"] * (len(turns) // 2) and 2 <= len(turns) <= 6
+            assert all(set(m) == {"role", "content"} for m in messages), row["id"]
+            assert all(isinstance(m["content"], str) and m["content"].strip() for m in messages)
+
+    train = rows["chat_train"]
+    with_system = sum(row["messages"][0]["role"] == "system" for row in train)
+    assert 0.4 < with_system / len(train) < 0.6
+    exchanges = {sum(m["role"] == "assistant" for m in row["messages"]) for row in train}
+    assert exchanges == {1, 2, 3}
+
+    # Held out: no chat_test conversation is a chat_train one, and each ends with a reply
+    # worth scoring (its reference), never a goodbye.
+    train_conversations = {str(row["messages"]) for row in train}
+    for row in rows["chat_test"]:
+        assert str(row["messages"]) not in train_conversations
+        assert row["messages"][-1]["content"] not in CLOSING_REPLIES
+
+
+def test_chat_replies_follow_the_system_prompt_and_earlier_turns(assets):
+    """What makes the data learnable: a brief-style system prompt gives brief follow-up
+    answers ("Rome."), the others full ones ("The city is Rome."), and every slot value a
+    follow-up answer gives was said earlier in the conversation."""
+    brief = {prompt for prompt, style in SYSTEM_PROMPTS if style == 1}
+    labels = "|".join(re.escape(label) for label in SLOT_LABELS.values())
+    full_answer = re.compile(rf"The (?:{labels}) is (.+)\.")
+    follow_ups = 0
+    for row in read_jsonl(assets["chat_train"]):
+        messages = row["messages"]
+        is_brief = messages[0]["role"] == "system" and messages[0]["content"] in brief
+        for index in range(2, len(messages)):
+            question, answer = messages[index - 1]["content"], messages[index]["content"]
+            if messages[index]["role"] != "assistant" or not question.endswith(FOLLOW_UP_ENDS):
+                continue
+            follow_ups += 1
+            match = full_answer.fullmatch(answer)
+            assert (match is None) == is_brief, (row["id"], answer)
+            value = answer[:-1] if is_brief else match.group(1)
+            earlier = " ".join(m["content"] for m in messages[: index - 1]).lower()
+            assert value.lower() in earlier, (row["id"], answer)
+    assert follow_ups > 300
+
+
+def test_chat_lengths_vary_and_fit_the_model(assets, offline):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["tiny_causal"])
+    rows = read_jsonl(assets["chat_train"])
+    lengths = [
+        len(tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False)).input_ids)
+        for row in rows
+    ]
+    deciles = statistics.quantiles(lengths, n=10)
+    # Measured: 33 / 128 / 441 tokens (min / median / max); p10 62, p90 277.
+    assert min(lengths) >= 20 and max(lengths) <= 600 < tokenizer.model_max_length
+    assert deciles[0] < 80 and deciles[-1] > 200
+
+
+def test_chat_generator_is_seeded_and_only_seeded():
+    assert generate_chats(20, seed=5) == generate_chats(20, seed=5)
+    assert generate_chats(20, seed=5) != generate_chats(20, seed=6)
+
+
+def test_dialogsum_as_chat_is_the_prompt_then_the_summary():
+    rows = generate_dialogsum_like(3, seed=0)
+    chats = smoke.dialogsum_as_chat(rows, "Summarize:\n{dialogue}")
+    assert chats[0] == {
+        "messages": [
+            {"role": "user", "content": "Summarize:\n" + rows[0]["dialogue"]},
+            {"role": "assistant", "content": rows[0]["summary"]},
+        ]
+    }
+
+
+def test_chat_smoke_configs_use_the_chat_assets(assets):
+    from clustertune.config import FinetuneConfig, parse_config
+    from clustertune.evaluation.config import EvaluateConfig
+
+    path = REPO / "recipes" / "configs" / "smoke" / "chat_lora.yaml"
+    assert any("recipes/finetune.py" in line for line in path.read_text().splitlines()[:6])
+    cfg = parse_config(FinetuneConfig, ["--config", str(path)])
+    assert (cfg.data.format, cfg.data.packing, cfg.peft.method) == ("chat", True, "lora")
+    layout = {
+        key: str(value.relative_to(assets["train"].parents[2])) for key, value in assets.items()
+    }
+    assert cfg.model.name_or_path == ".cache/" + layout["tiny_causal"]
+    assert (cfg.data.train_file, cfg.data.eval_file) == (
+        ".cache/" + layout["chat_train"],
+        ".cache/" + layout["chat_validation"],
+    )
+    evaluate = parse_config(EvaluateConfig, ["--config", str(path.parent / "chat_evaluate.yaml")])
+    assert (evaluate.data.format, evaluate.model.name_or_path) == ("chat", cfg.model.name_or_path)
+    assert evaluate.data.eval_file == ".cache/" + layout["chat_test"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,24 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@dataclass
+class ThroughputWindow:
+    """Real (non-pad) tokens, padded slots and samples since the last metrics record."""
+
+    tokens: float = 0.0
+    slots: float = 0.0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def rates(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        return {
+            "tokens_per_second": self.tokens / elapsed,
+            "samples_per_second": self.samples / elapsed,
+            "padding_efficiency": self.tokens / max(1.0, self.slots),
+        }
 
 
 class MetricsLog:

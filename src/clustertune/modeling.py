@@ -178,8 +178,12 @@ def override_dropout(model_config: Any, dropout: float | None) -> list[str]:
     return changed
 
 
-def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any) -> Any:
-    """Load weights in fp32 (master weights); bf16 compute comes from accelerate/DeepSpeed."""
+def build_model(
+    cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any, vocab_size: int | None = None
+) -> Any:
+    """Load weights in fp32 (master weights); bf16 compute comes from accelerate/DeepSpeed.
+    vocab_size: the tokenizer's, when tokens were added to it (a built-in chat template's
+    markers); the embeddings grow to it (transformers initialises new rows at the mean)."""
     override_dropout(model_config, cfg.dropout)
     auto_class = (
         AutoModelForSeq2SeqLM if model_kind(model_config) == "seq2seq" else AutoModelForCausalLM
@@ -194,6 +198,9 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, model_config: Any) -> An
             )
     except Exception as error:
         raise _explain_load_error(cfg.name_or_path, error) from None
+    embeddings = model.get_input_embeddings().weight  # ZeRO-3: partitioned, ds_shape is real
+    if vocab_size and vocab_size > getattr(embeddings, "ds_shape", embeddings.shape)[0]:
+        model.resize_token_embeddings(vocab_size)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -47,6 +47,11 @@ def launch_command(plan: MemoryPlan, config_args: Sequence[str]) -> str | None:
 
 def _batch_line(cfg: FinetuneConfig, world_size: int) -> str:
     micro = cfg.train.micro_batch_size
+    if cfg.train.micro_batch_tokens:  # examples per micro-batch vary; the budget is the bound
+        return (
+            f"batch: global {cfg.train.global_batch_size} examples, micro-batches of at most "
+            f"{cfg.train.micro_batch_tokens} tokens ({'packed' if cfg.data.packing else 'padded'})"
+        )
     try:
         accum = check_batch_arithmetic(cfg.train.global_batch_size, micro, world_size)
     except UserError as error:

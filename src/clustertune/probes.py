@@ -20,6 +20,7 @@ from clustertune.autobatch import (
     cached_search,
     choose_micro_batch,
     device_description,
+    margin_applied,
 )
 from clustertune.config import FinetuneConfig
 from clustertune.data import IGNORE_INDEX, Collator
@@ -53,12 +54,14 @@ def worst_case_batch(
     return make
 
 
-def training_probe(cfg: FinetuneConfig, runtime: Runtime) -> Callable[[int], ProbeSteps]:
+def training_probe(
+    cfg: FinetuneConfig, runtime: Runtime, vocab_size: int | None = None
+) -> Callable[[int], ProbeSteps]:
     """build(m) -> (forward_backward, optimizer_step, cleanup) on a freshly built model."""
     kind = runtime.kind
 
     def build(micro_batch_size: int) -> ProbeSteps:
-        model = build_model(cfg.model, cfg.peft, runtime.model_config)
+        model = build_model(cfg.model, cfg.peft, runtime.model_config, vocab_size)
         if runtime.is_deepspeed:
             import deepspeed
 
@@ -96,10 +99,21 @@ def training_probe(cfg: FinetuneConfig, runtime: Runtime) -> Callable[[int], Pro
 
 
 def find_micro_batch(
-    cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any, collator: Collator, train_data: Any
+    cfg: FinetuneConfig,
+    runtime: Runtime,
+    tokenizer: Any,
+    collator: Collator,
+    train_data: Any,
+    *,
+    tokens: bool = False,
 ) -> SearchResult:
     """The largest micro-batch that fits (every rank agrees), then the margin and the global
-    batch applied: micro x accum x world stays train.global_batch_size."""
+    batch applied: micro x accum x world stays train.global_batch_size.
+
+    tokens (train.micro_batch_tokens: auto): the same search over rows of the worst-case
+    example (one packed row of m of them with packing); the budget chosen is the margin's
+    rows x that example's tokens, and no micro-batch the budget admits is larger: padded,
+    rows x longest <= budget; packed, one row of at most the budget."""
     train_cfg, world_size = cfg.train, runtime.world_size
     worst = {
         "source_tokens": int(max(train_data["num_source_tokens"])),
@@ -116,14 +130,28 @@ def find_micro_batch(
         world_size=world_size,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         kind=runtime.kind,
+        packing=cfg.data.packing,
     )
     make_batch = worst_case_batch(worst, tokenizer, collator, runtime.kind, runtime.device)
     prober = Prober(
-        training_probe(cfg, runtime), make_batch, runtime.process_index, all_ranks_agree
+        training_probe(cfg, runtime, len(tokenizer)),
+        make_batch,
+        runtime.process_index,
+        all_ranks_agree,
     )
     global_batch_size = train_cfg.global_batch_size
+    example_tokens = worst["source_tokens"] + worst["target_tokens"]  # its cost, either kind
 
     def choose(largest: int) -> tuple[int, int, str]:
+        if tokens:
+            if largest == 0:
+                choose_micro_batch(largest, global_batch_size, world_size, 0.0)  # raises
+            rows = margin_applied(largest, train_cfg.auto_batch_margin)
+            note = (
+                f"counted in rows of the worst-case example ({example_tokens} tokens): the "
+                f"budget is {rows} rows x {example_tokens} tokens"
+            )
+            return rows * example_tokens, 0, note
         chosen, note = choose_micro_batch(
             largest, global_batch_size, world_size, train_cfg.auto_batch_margin
         )
@@ -132,18 +160,21 @@ def find_micro_batch(
     # the upper bound: one rank's share of the global batch (accumulation 1)
     result = cached_search(
         prober,
-        global_batch_size // world_size,
-        runtime.output_dir / "auto_batch.json",
+        max(1, global_batch_size // world_size),
+        runtime.output_dir / ("auto_batch_tokens.json" if tokens else "auto_batch.json"),
         key,
         runtime.is_main,
         choose=choose,
         worst_case_shape=worst,
     )
+    detail = (
+        ""
+        if tokens
+        else f", grad_accum_steps {result.grad_accum_steps} for global_batch_size {global_batch_size}"
+    )
     runtime.log(
         result.log_line(
-            "micro-batch",
-            train_cfg.auto_batch_margin,
-            f", grad_accum_steps {result.grad_accum_steps} for global_batch_size {global_batch_size}",
+            "micro-batch tokens" if tokens else "micro-batch", train_cfg.auto_batch_margin, detail
         )
     )
     return result

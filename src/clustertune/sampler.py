@@ -12,6 +12,14 @@ Every rank computes the same plan from (seed, epoch, lengths), so no indices are
    step k // world_size.
 Steps 1-3 depend only on the seed and global_batch_size, so 1 rank x micro 8 and
 2 ranks x micro 2 x accum 2 train on exactly the same examples in every optimizer step.
+
+With a token budget (train.micro_batch_tokens) step 4 changes: the global batch, longest
+first, is cut into micro-batches of whole examples costing at most the budget (padded:
+rows x longest row, plus the decoder side for seq2seq; packed: the sum of lengths), their
+count rounded up to a multiple of world_size (splitting the fullest, or adding a zero-weight
+repeat when nothing can be split) so every rank runs the same number of micro-steps; the
+costliest go first, round-robin to the ranks. E.g. budget 1,024, 32 examples of 100-300
+tokens padded: ~11 micro-batches instead of 4 of 8 rows; 2 ranks: 12, 6 each.
 """
 
 from __future__ import annotations
@@ -97,6 +105,10 @@ class GlobalBatchPlan:
     rank: int
     seed: int
     length_group_size: int = 50
+    micro_batch_tokens: int = 0  # 0: micro_batch_size examples per micro-batch
+    row_lengths: np.ndarray | None = None  # tokens of each input row (token budget)
+    label_lengths: np.ndarray | None = None  # seq2seq: decoder tokens of each example
+    packing: bool = False  # a micro-batch costs the sum of its lengths, not rows x longest
 
     def __post_init__(self) -> None:
         if len(self.source_lengths) < self.global_batch_size:
@@ -104,6 +116,21 @@ class GlobalBatchPlan:
                 f"the training data has {len(self.source_lengths)} examples, fewer than "
                 f"train.global_batch_size={self.global_batch_size}; lower the global batch size."
             )
+        if self.micro_batch_tokens:
+            longest = int(self.costs.max())
+            if longest > self.micro_batch_tokens:
+                raise UserError(
+                    f"train.micro_batch_tokens={self.micro_batch_tokens} is smaller than the "
+                    f"longest example ({longest} tokens on its own); raise it to at least "
+                    f"{longest}, or lower data.max_length / data.max_source_length."
+                )
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Tokens one example costs in a micro-batch of its own."""
+        assert self.row_lengths is not None, "a token budget needs row_lengths"
+        labels = self.label_lengths if self.label_lengths is not None else 0
+        return self.row_lengths + labels
 
     @property
     def grad_accum_steps(self) -> int:
@@ -155,9 +182,100 @@ class GlobalBatchPlan:
             for a in range(self.grad_accum_steps)
         ]
 
+    def rank_micro_batches(self, global_batch: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+        """This rank's micro-batches of one global batch, in accumulation order, as
+        (indices, is_padding); a padding micro-batch runs with zero weight (equal calls)."""
+        if not self.micro_batch_tokens:
+            return [(indices, False) for indices in self.micro_batches(global_batch)]
+        bins = self.token_bins(global_batch)
+        return bins[self.rank :: self.world_size]
+
+    def token_bins(self, global_batch: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+        """Every rank's micro-batches of one global batch under the token budget, a multiple
+        of world_size of them, costliest first (rank r takes r, r + world_size, ...)."""
+        costs, labels = self.costs, self.label_lengths
+        order = global_batch[np.lexsort((global_batch, -costs[global_batch]))]
+        bins = fill_token_bins(
+            order, self.row_lengths, labels, self.micro_batch_tokens, self.packing
+        )
+        target = -(-len(bins) // self.world_size) * self.world_size
+        while len(bins) < target and max(len(b) for b in bins) > 1:
+            fullest = max(range(len(bins)), key=lambda i: (len(bins[i]), -i))
+            half = (len(bins[fullest]) + 1) // 2
+            bins[fullest : fullest + 1] = [bins[fullest][:half], bins[fullest][half:]]
+        cost = [bin_cost(b, self.row_lengths, labels, self.packing) for b in bins]
+        ranked = sorted(range(len(bins)), key=lambda i: (-cost[i], int(bins[i][0])))
+        out = [(bins[i], False) for i in ranked]
+        out += [(order[-1:], True)] * (target - len(out))  # nothing left to split
+        return out
+
+    def micro_steps(self, global_batch: np.ndarray) -> int:
+        """Micro-batches per rank in this optimizer step (the same on every rank)."""
+        if not self.micro_batch_tokens:
+            return self.grad_accum_steps
+        return len(self.token_bins(global_batch)) // self.world_size
+
+    def most_micro_steps(self, total_steps: int) -> int:
+        """The most micro-steps per rank over the run's first total_steps steps."""
+        most, epoch = 1, 0
+        while epoch * self.steps_per_epoch < total_steps:
+            batches = self.global_batches(epoch)[: total_steps - epoch * self.steps_per_epoch]
+            most = max([most, *(self.micro_steps(batch) for batch in batches)])
+            epoch += 1
+        return most
+
     def target_tokens(self, global_batch: np.ndarray) -> int:
         """Loss denominator: target tokens of the whole global batch, known on every rank."""
         return int(self.target_lengths[global_batch].sum())
+
+
+def bin_cost(
+    indices: np.ndarray, row_lengths: np.ndarray, label_lengths: np.ndarray | None, packing: bool
+) -> int:
+    """Token slots of one micro-batch: packed, the sum of its rows; padded, rows x longest
+    (+ rows x longest decoder side for seq2seq)."""
+    if packing:
+        return int(row_lengths[indices].sum())
+    cost = len(indices) * int(row_lengths[indices].max())
+    if label_lengths is not None:
+        cost += len(indices) * int(label_lengths[indices].max())
+    return cost
+
+
+def fill_token_bins(
+    order: np.ndarray,
+    row_lengths: np.ndarray,
+    label_lengths: np.ndarray | None,
+    budget: int,
+    packing: bool,
+) -> list[np.ndarray]:
+    """Examples (longest first) into micro-batches costing at most `budget` tokens. Padded:
+    consecutive runs (sorted, so rows in a micro-batch are of similar length). Packed: first
+    fit decreasing, each example into the first micro-batch with room (bins end up full)."""
+    if not packing:
+        bins: list[list[int]] = []
+        for index in order:
+            if (
+                bins
+                and bin_cost(np.array([*bins[-1], index]), row_lengths, label_lengths, False)
+                <= budget
+            ):
+                bins[-1].append(int(index))
+            else:
+                bins.append([int(index)])
+        return [np.array(b, dtype=order.dtype) for b in bins]
+    packed: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        length = int(row_lengths[index])
+        slot = next((i for i, free in enumerate(room) if free >= length), None)
+        if slot is None:
+            packed.append([int(index)])
+            room.append(budget - length)
+        else:
+            packed[slot].append(int(index))
+            room[slot] -= length
+    return [np.array(b, dtype=order.dtype) for b in packed]
 
 
 def deal_to_ranks(
@@ -179,10 +297,23 @@ def deal_to_ranks(
 
 
 def eval_micro_batches(
-    lengths: Sequence[int], micro_batch_size: int, world_size: int, rank: int
+    lengths: Sequence[int],
+    micro_batch_size: int,
+    world_size: int,
+    rank: int,
+    *,
+    budget: int = 0,
+    row_lengths: np.ndarray | None = None,
+    label_lengths: np.ndarray | None = None,
+    packing: bool = False,
 ) -> list[tuple[np.ndarray, bool]]:
     """Length-sorted eval micro-batches for this rank, as (indices, is_padding) pairs, with
-    the same number of micro-batches on every rank (`deal_to_ranks`)."""
+    the same number of micro-batches on every rank (`deal_to_ranks`): micro_batch_size
+    examples each, or with a token `budget` as many as fit (fill_token_bins)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if budget:
+        assert row_lengths is not None
+        chunks = fill_token_bins(order, row_lengths, label_lengths, budget, packing)
+    else:
+        chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     return deal_to_ranks(chunks, world_size, rank, equal_calls=True)

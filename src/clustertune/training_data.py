@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from clustertune import chat
 from clustertune import data as data_lib
-from clustertune.config import FinetuneConfig, template_fields
+from clustertune.config import DataConfig, FinetuneConfig, template_fields
 from clustertune.errors import UserError
 from clustertune.runtime import Runtime
+from clustertune.sampler import GlobalBatchPlan, eval_micro_batches
 
 
 @dataclass
@@ -19,42 +23,137 @@ class TrainData:
     eval: Any | None  # the same for the periodic eval loss; None disables it
     collator: data_lib.Collator
 
+    def collate(self, indices: np.ndarray, split: Any, device: Any) -> dict[str, Any]:
+        """Rows `indices` of a tokenised split -> a padded (or packed) batch on `device`."""
+        rows = split[[int(i) for i in indices]]
+        examples = [
+            {"input_ids": input_ids, "labels": labels}
+            for input_ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
+        ]
+        return {k: v.to(device) for k, v in self.collator(examples).items()}
+
+
+def check_data_for_model(data_cfg: DataConfig, kind: str) -> None:
+    """What the data settings ask of the model, from its config alone (before any compute)."""
+    if kind == "causal":
+        return
+    for key, value, why in (
+        ("data.format", data_cfg.format == "chat", "chat conversations"),
+        ("data.use_chat_template", data_cfg.use_chat_template is True, "chat templates"),
+        ("data.packing", data_cfg.packing, "packing"),
+    ):
+        if value:
+            raise UserError(
+                f"{key}: {why} need a decoder-only model, and this one is seq2seq (its encoder "
+                "and decoder read separate sequences; it trains length-grouped and padded); "
+                f"remove {key}, or fine-tune a causal model."
+            )
+
+
+def tokenize_spec(
+    data_cfg: DataConfig, kind: str, tokenizer: Any, model_name: str, trains_embeddings: bool = True
+) -> Any:
+    """How rows become tokens for this model and tokenizer: the chat template resolved (the
+    configured one set on the tokenizer, so final/ saves it), and whether text rows use it."""
+    use_template = False
+    if kind == "causal":
+        added = chat.resolve_chat_template(tokenizer, data_cfg.chat_template)
+        if added and not trains_embeddings:
+            raise UserError(
+                f"data.chat_template={data_cfg.chat_template} adds {', '.join(added)} to the "
+                f"vocabulary of '{model_name}', which lacks them, and LoRA would leave their new "
+                "embeddings untrained: use peft.method=none, or a model whose tokenizer has a "
+                "chat template (or these tokens)."
+            )
+        if data_cfg.format == "chat" or data_cfg.use_chat_template:
+            chat.check_template_available(tokenizer, model_name)
+        use_template = data_cfg.format == "text" and (
+            chat.has_chat_template(tokenizer)
+            if data_cfg.use_chat_template is None
+            else data_cfg.use_chat_template
+        )
+    return data_lib.TokenizeSpec(
+        kind,
+        data_cfg.prompt_template,
+        data_cfg.target_column,
+        data_cfg.max_source_length,
+        data_cfg.max_target_length,
+        format=data_cfg.format,
+        messages_column=data_cfg.messages_column,
+        train_on=data_cfg.train_on,
+        max_length=data_cfg.max_length,
+        use_chat_template=use_template,
+    )
+
+
+def load_rows(data_cfg: DataConfig, source: str, split: str, what: str) -> Any:
+    """One split, validated: text columns, or (chat) the conversation column."""
+    if data_cfg.format == "chat":
+        column = data_cfg.messages_column
+
+        def row_problem(record: dict) -> str | None:
+            problem = chat.messages_problem(record.get(column))
+            return f"'{column}' {problem}" if problem else None
+
+        return data_lib.load_split(
+            source,
+            split=split,
+            required_columns=[column],
+            what=what,
+            skip_invalid_rows=data_cfg.skip_invalid_rows,
+            text_columns=[],  # checked per conversation by tokenize_dataset
+            row_problem=row_problem,
+        )
+    return data_lib.load_split(
+        source,
+        split=split,
+        required_columns=[*template_fields(data_cfg.prompt_template), data_cfg.target_column],
+        what=what,
+        skip_invalid_rows=data_cfg.skip_invalid_rows,
+    )
+
+
+def tokenize_rows(
+    rows: Any, tokenizer: Any, spec: Any, data_cfg: DataConfig, source: str, what: str
+) -> Any:
+    tokenized = data_lib.tokenize_dataset(rows, tokenizer, spec, data_cfg.num_proc)
+    if spec.format != "chat":
+        return tokenized.remove_columns("problem")
+    return data_lib.refuse_or_skip_unusable(
+        tokenized,
+        source=source,
+        what=what,
+        skip=data_cfg.skip_invalid_rows,
+        column=data_cfg.messages_column,
+    )
+
 
 def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) -> TrainData:
     """Load and tokenise the training (and eval-loss) split; rank 0 first, the others read
     the datasets cache. Refuses a training set smaller than one global batch."""
     data_cfg = cfg.data
-    required = [*template_fields(data_cfg.prompt_template), data_cfg.target_column]
-    spec = data_lib.TokenizeSpec(
-        runtime.kind,
-        data_cfg.prompt_template,
-        data_cfg.target_column,
-        data_cfg.max_source_length,
-        data_cfg.max_target_length,
+    spec = tokenize_spec(
+        data_cfg, runtime.kind, tokenizer, cfg.model.name_or_path, cfg.peft.method == "none"
     )
     train_source = data_cfg.train_file or data_cfg.dataset
     eval_source = data_cfg.eval_file or (
         data_cfg.dataset if data_cfg.dataset and not data_cfg.train_file else None
     )
 
-    def load(source: str, split: str, key: str) -> Any:  # key: the setting that named it
-        return data_lib.load_split(
-            source,
-            split=split,
-            required_columns=required,
-            what=key if getattr(data_cfg, key.split(".")[1]) else "data.dataset",
-            skip_invalid_rows=data_cfg.skip_invalid_rows,
-        )
+    def what(key: str) -> str:  # the setting that named the source
+        return key if getattr(data_cfg, key.split(".")[1]) else "data.dataset"
 
     with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
-        train_rows = load(train_source, data_cfg.train_split, "data.train_file")
-        train = data_lib.tokenize_dataset(train_rows, tokenizer, spec, data_cfg.num_proc)
+        train_what = what("data.train_file")
+        train_rows = load_rows(data_cfg, train_source, data_cfg.train_split, train_what)
+        train = tokenize_rows(train_rows, tokenizer, spec, data_cfg, train_source, train_what)
         evaluation = None
         if eval_source:
-            eval_rows = load(eval_source, data_cfg.eval_split, "data.eval_file")
+            eval_what = what("data.eval_file")
+            eval_rows = load_rows(data_cfg, eval_source, data_cfg.eval_split, eval_what)
             if data_cfg.max_eval_examples:
                 eval_rows = eval_rows.select(range(min(data_cfg.max_eval_examples, len(eval_rows))))
-            evaluation = data_lib.tokenize_dataset(eval_rows, tokenizer, spec, data_cfg.num_proc)
+            evaluation = tokenize_rows(eval_rows, tokenizer, spec, data_cfg, eval_source, eval_what)
     if len(train) < cfg.train.global_batch_size:
         raise UserError(
             f"the training data has {len(train)} examples, fewer than "
@@ -68,5 +167,88 @@ def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) ->
         decoder_start = getattr(runtime.model_config, "decoder_start_token_id", None)
         if decoder_start is None:
             decoder_start = tokenizer.pad_token_id
-    collator = data_lib.Collator(tokenizer.pad_token_id, decoder_start)
+    collator = data_lib.Collator(tokenizer.pad_token_id, decoder_start, packing=data_cfg.packing)
     return TrainData(train=train, eval=evaluation, collator=collator)
+
+
+def _lengths(split: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(untrained/encoder, trained tokens, input row tokens, decoder tokens or None) per row:
+    a causal row holds the whole text, a seq2seq row the encoder side only."""
+    sources = np.asarray(split["num_source_tokens"])
+    targets = np.asarray(split["num_target_tokens"])
+    if kind == "seq2seq":
+        return sources, targets, sources, targets
+    return sources, targets, sources + targets, None
+
+
+def build_batch_plan(
+    cfg: FinetuneConfig, data: TrainData, runtime: Runtime, micro_batch_size: int, tokens: int
+) -> GlobalBatchPlan:
+    sources, targets, rows, labels = _lengths(data.train, runtime.kind)
+    return GlobalBatchPlan(
+        source_lengths=sources,
+        target_lengths=targets,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=micro_batch_size,
+        world_size=runtime.world_size,
+        rank=runtime.process_index,
+        seed=cfg.seed,
+        length_group_size=cfg.data.length_group_size,
+        micro_batch_tokens=tokens,
+        row_lengths=rows,
+        label_lengths=labels,
+        packing=cfg.data.packing,
+    )
+
+
+def eval_batches(
+    cfg: FinetuneConfig, split: Any, runtime: Runtime, micro_batch_size: int, tokens: int
+) -> list[tuple[np.ndarray, bool]]:
+    """This rank's eval-loss micro-batches, (indices, is_padding), shaped as training's."""
+    sources, targets, rows, labels = _lengths(split, runtime.kind)
+    return eval_micro_batches(
+        sources + targets,
+        micro_batch_size,
+        runtime.world_size,
+        runtime.process_index,
+        budget=tokens,
+        row_lengths=rows,
+        label_lengths=labels,
+        packing=cfg.data.packing,
+    )
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the run cuts its global batches: examples or a token budget per micro-batch."""
+
+    plan: GlobalBatchPlan
+    micro_batch_size: int  # examples per micro-batch (1, nominal, with a token budget)
+    tokens: int  # token budget per micro-batch; 0: micro_batch_size examples
+    # global / (micro x world); with a token budget the most micro-steps per rank of any step
+    grad_accum_steps: int
+    auto_batch: Any  # autobatch.SearchResult of an `auto` search, else None
+
+
+def resolve_batching(
+    cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any, data: TrainData, total_steps: int
+) -> Batching:
+    """train.micro_batch_size / micro_batch_tokens as numbers (auto: searched), and the plan."""
+    from clustertune.probes import find_micro_batch  # it builds models: imported when needed
+
+    tokens_setting, auto_batch = cfg.train.micro_batch_tokens, None
+    if tokens_setting == "auto" or (cfg.train.micro_batch_size == "auto" and not tokens_setting):
+        auto_batch = find_micro_batch(
+            cfg, runtime, tokenizer, data.collator, data.train, tokens=bool(tokens_setting)
+        )
+    tokens = (auto_batch.chosen if auto_batch else int(tokens_setting)) if tokens_setting else 0
+    micro = 1 if tokens else (auto_batch.chosen if auto_batch else int(cfg.train.micro_batch_size))
+    plan = build_batch_plan(cfg, data, runtime, micro, tokens)
+    accum = plan.most_micro_steps(total_steps) if tokens else plan.grad_accum_steps
+    if tokens:
+        # e.g. budget 2,048 on 2 ranks, global 32 of ~150 tokens padded: ~3 micro-steps a rank
+        runtime.log(
+            f"micro-batches of at most {tokens:,} tokens ({'packed' if cfg.data.packing else 'padded'}); "
+            f"up to {accum} per rank per step for global_batch_size {cfg.train.global_batch_size}"
+        )
+    return Batching(plan, micro, tokens, accum, auto_batch)

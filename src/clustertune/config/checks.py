@@ -30,6 +30,12 @@ PeftMethod = Literal["none", "lora"]
 Auto = Literal["auto"]  # with int: a number, or found at start-up
 
 
+DataFormat = Literal["text", "chat"]
+
+
+TrainOn = Literal["assistant", "all"]
+
+
 def _literal_choices(hint: Any) -> tuple[tuple[Any, ...], bool] | None:
     """(choices, a number is allowed too) for `Literal[...]` and `int | Literal[...]` hints."""
     if get_origin(hint) is Literal:

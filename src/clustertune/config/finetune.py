@@ -9,9 +9,11 @@ from typing import ClassVar
 from clustertune.config.checks import (
     SEED_PROMPT,
     Auto,
+    DataFormat,
     LrSchedule,
     PeftMethod,
     Precision,
+    TrainOn,
     Validated,
     at_least,
     check_prompt_template,
@@ -54,6 +56,26 @@ class DataConfig(Validated):
     train_split: str = "train"
     # Split of data.dataset for the periodic eval loss.
     eval_split: str = "validation"
+    # text: a prompt (prompt_template over columns) and a target column; chat: a column of
+    # conversations, lists of {role: system|user|assistant, content} (decoder-only models).
+    format: DataFormat = "text"
+    # chat: the column holding each row's conversation.
+    messages_column: str = "messages"
+    # Decoder-only models: a Jinja file, or a built-in (chatml) for tokenizers that have no
+    # chat template; empty: the tokenizer's own template.
+    chat_template: str = ""
+    # text format on a decoder-only model: render the prompt as the user turn and the target as
+    # the assistant turn with the chat template (null: when the tokenizer has one; false: raw
+    # concatenation of prompt and target).
+    use_chat_template: bool | None = None
+    # Loss on the assistant turns only (their content and end-of-turn tokens), or on every token.
+    train_on: TrainOn = "assistant"
+    # chat: tokens per conversation; a longer one keeps its turns up to the last assistant reply
+    # that fits (never cut inside a turn), and one whose first reply does not fit is invalid.
+    max_length: int = 1024
+    # Decoder-only: concatenate each micro-batch's examples into one row (no padding), position
+    # ids restarting per example, attention kept inside examples (checked at start-up).
+    packing: bool = False
     # Column holding the input text (the dialogue).
     source_column: str = "dialogue"
     # Column holding the target text (the summary).
@@ -75,8 +97,15 @@ class DataConfig(Validated):
     skip_invalid_rows: bool = False
 
     def validate(self) -> None:
-        check_prompt_template(self.prompt_template)
-        check_source_placeholder(self.prompt_template, self.source_column)
+        if self.format == "text":  # a chat dataset has no prompt or source column
+            check_prompt_template(self.prompt_template)
+            check_source_placeholder(self.prompt_template, self.source_column)
+        elif self.use_chat_template is False:
+            raise UserError(
+                "data.format=chat is rendered with the chat template; remove "
+                "data.use_chat_template=false (it is for data.format=text)."
+            )
+        at_least("data.max_length", self.max_length, 2)
         at_least("data.max_source_length", self.max_source_length, 1)
         at_least("data.max_target_length", self.max_target_length, 1)
         if self.max_eval_examples is not None and self.max_eval_examples < 1:
@@ -101,6 +130,10 @@ class TrainConfig(Validated):
     # Examples per forward pass on one rank, or auto: the largest that fits (all ranks agree,
     # worst-case lengths, forward+backward+optimizer step). grad_accum_steps is derived from it.
     micro_batch_size: int | Auto = 8
+    # Token budget per micro-batch instead of an example count (0: off; or auto, the largest that
+    # fits): a micro-batch holds as many whole examples as fit (padded rows x longest, or packed
+    # length); the global batch stays global_batch_size examples, whatever the cluster shape.
+    micro_batch_tokens: int | Auto = 0
     # auto: use at most (1 - margin) x the largest micro-batch that fitted.
     auto_batch_margin: float = 0.1
     # Peak learning rate (seed: 1e-5 full fine-tune, 1e-3 LoRA).
@@ -129,6 +162,8 @@ class TrainConfig(Validated):
     def validate(self) -> None:
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise UserError("set train.max_steps or train.num_epochs to a positive number.")
+        if self.micro_batch_tokens != "auto":
+            at_least("train.micro_batch_tokens", int(self.micro_batch_tokens), 0, "0: off")
         in_range("train.auto_batch_margin", self.auto_batch_margin, 0, 1, example=0.1)
         positive("train.learning_rate", self.learning_rate, example=1e-5)
         at_least("train.warmup_steps", self.warmup_steps, 0)

@@ -245,12 +245,13 @@ def preflight(
     if Path(script).name == "finetune.py":
         with _working_directory(workdir):  # the recipe's relative paths, as the job sees them
             cfg = parse_config(FinetuneConfig, list(recipe_argv[1:]))
-        check_batch_arithmetic(
-            cfg.train.global_batch_size,
-            cfg.train.micro_batch_size,
-            world,
-            world="the world size (nodes x processes_per_node)",
-        )
+        if not cfg.train.micro_batch_tokens:  # a token budget splits any global batch
+            check_batch_arithmetic(
+                cfg.train.global_batch_size,
+                cfg.train.micro_batch_size,
+                world,
+                world="the world size (nodes x processes_per_node)",
+            )
         job_env = {**os.environ, **settings.env}
         _check_model_and_data(cfg, workdir, job_env)
         output_dir = (workdir / cfg.output_dir).resolve()

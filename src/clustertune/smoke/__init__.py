@@ -1,5 +1,6 @@
-"""Smoke assets built by code, offline and deterministically: DialogSum-like data, a tokenizer
-trained on it, and two tiny models (T5 encoder-decoder, Llama decoder-only).
+"""Smoke assets built by code, offline and deterministically: DialogSum-like data, chat data, a
+tokenizer trained on the dialogues, and two tiny models (T5 encoder-decoder, Llama
+decoder-only with a ChatML template).
 
 `make smoke` and the tests use these instead of downloading anything from the Hub:
 
@@ -16,7 +17,11 @@ The package keeps the tables apart from the code that uses them:
   closings, `SPLITS` (rows and seed per split) and the length bounds.
 - `dialogues`: the seeded generator `generate_dialogsum_like` and `ensure_smoke_data`, which
   writes the splits as JSONL.
-- `assets`: `build_tokenizer`, `build_tiny_t5`, `build_tiny_causal_lm`, and
+- `chats`: `generate_chats` (multi-turn conversations with an assistant about the same
+  scenarios, system prompts on about half) and `ensure_chat_data`, which writes
+  `chat_train/chat_validation/chat_test.jsonl` beside the dialogues; `dialogsum_as_chat`.
+- `assets`: `build_tokenizer`, `build_tiny_t5`, `build_tiny_causal_lm` (ChatML template,
+  `<|im_start|>`/`<|im_end|>` special tokens, eos `<|im_end|>`), and
   `ensure_smoke_assets`, which builds everything once per cache folder under a file lock and
   stamps it with `SMOKE_VERSION` (bump it when anything above changes the assets).
 - `cli` / `__main__`: `python -m clustertune.smoke`.
@@ -25,7 +30,10 @@ Everything is importable from `clustertune.smoke` itself, as before the split.
 """
 
 from clustertune.smoke.assets import (
+    CHATML_TEMPLATE,
     EOS,
+    IM_END,
+    IM_START,
     PAD,
     SMOKE_VERSION,
     UNK,
@@ -36,9 +44,16 @@ from clustertune.smoke.assets import (
     ensure_smoke_assets,
     missing_smoke_asset_hint,
 )
+from clustertune.smoke.chats import (
+    dialogsum_as_chat,
+    ensure_chat_data,
+    generate_chats,
+    generate_conversation,
+)
 from clustertune.smoke.cli import main
 from clustertune.smoke.dialogues import ensure_smoke_data, generate_dialogsum_like
 from clustertune.smoke.scenarios import (
+    CHAT_SPLITS,
     MAX_TURNS,
     MAX_WORDS,
     MIN_TURNS,
@@ -49,7 +64,11 @@ from clustertune.smoke.scenarios import (
 )
 
 __all__ = [
+    "CHATML_TEMPLATE",
+    "CHAT_SPLITS",
     "EOS",
+    "IM_END",
+    "IM_START",
     "MAX_TURNS",
     "MAX_WORDS",
     "MIN_TURNS",
@@ -64,8 +83,12 @@ __all__ = [
     "build_tiny_t5",
     "build_tokenizer",
     "default_cache_dir",
+    "dialogsum_as_chat",
+    "ensure_chat_data",
     "ensure_smoke_assets",
     "ensure_smoke_data",
+    "generate_chats",
+    "generate_conversation",
     "generate_dialogsum_like",
     "main",
     "missing_smoke_asset_hint",

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clustertune.atomicio import read_jsonl
+from clustertune.smoke.chats import ensure_chat_data
 from clustertune.smoke.dialogues import ensure_smoke_data
-from clustertune.smoke.scenarios import SPLITS
+from clustertune.smoke.scenarios import CHAT_SPLITS, SPLITS
 
 if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no torch import)
     from tokenizers import Tokenizer
@@ -29,10 +30,27 @@ if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no t
 
 # Bump when the generator, tokenizer or model shapes change: cached folders with another
 # stamp are rebuilt instead of silently serving stale assets.
-SMOKE_VERSION = "2"  # 2: tiny T5 config.json says tie_word_embeddings=false
+# 2: tiny T5 config.json says tie_word_embeddings=false. 3: chat data; the tiny Llama's
+# tokenizer has a ChatML template, <|im_start|>/<|im_end|> tokens and eos <|im_end|>, and its
+# head starts at unit logit scale. The T5 and the dialogue data are unchanged since 2.
+SMOKE_VERSION = "3"
 _STAMP_FILE = ".smoke_version"
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as T5 expects
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # the causal tokenizer's last two ids
+
+# ChatML as Qwen2.5-Instruct and SmolLM2 write it (whitespace control and all), without
+# Qwen's default system prompt: a turn is `<|im_start|>role\ncontent<|im_end|>\n`, and the
+# generation prompt opens an assistant turn. It marks no `{% generation %}` spans, like most
+# published templates, so the assistant-only mask cannot rely on them.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,36 +94,57 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedT
     return _wrap(backend)
 
 
-def _wrap(backend: Tokenizer, padding_side: str = "right") -> PreTrainedTokenizerFast:
+def _wrap(
+    backend: Tokenizer, padding_side: str = "right", **settings: Any
+) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
+    settings = {
+        "pad_token": PAD,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "model_max_length": 512,  # the longest smoke dialogue is ~330 tokens
+        **settings,
+    }
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token=PAD,
-        eos_token=EOS,
-        unk_token=UNK,
         padding_side=padding_side,
-        model_max_length=512,  # the longest smoke dialogue is ~330 tokens
         clean_up_tokenization_spaces=False,  # decoding is already exact
+        **settings,
     )
 
 
 def _causal_tokenizer(
     tokenizer: PreTrainedTokenizerFast, padding_side: str
 ) -> PreTrainedTokenizerFast:
-    """The same vocabulary without the automatic `</s>`, as Llama/GPT-2 tokenizers behave.
+    """The same vocabulary without the automatic `</s>`, plus ChatML, as Qwen2.5-Instruct has.
 
     A decoder-only example is prompt + target in one sequence, so the collator appends
     `tokenizer.eos_token_id` to the target itself; an automatic `</s>` after the prompt would
-    teach the model to stop before answering.
+    teach the model to stop before answering. `<|im_start|>` and `<|im_end|>` are added as
+    special tokens (ids len(vocab) and len(vocab) + 1, each one token wherever it appears,
+    never split or merged with text) and `<|im_end|>` is the eos: the end of an assistant
+    turn is where generation stops, and what a text-format target ends with. The pad stays
+    `<pad>` (id 0), distinct from eos, so a padded batch never hides a trained end-of-turn.
     """
-    from tokenizers import Tokenizer, processors
+    from tokenizers import AddedToken, Tokenizer, processors
 
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.post_processor = processors.TemplateProcessing(
         single="$A", pair="$A $B", special_tokens=[]
     )
-    return _wrap(backend, padding_side)
+    # Added to the backend in this order, so the ids are fixed before transformers sees them.
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in (IM_START, IM_END)]
+    )
+    return _wrap(
+        backend,
+        padding_side,
+        eos_token=IM_END,
+        extra_special_tokens=[IM_START, IM_END],
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=1024,  # the tiny Llama's positions; chat data.max_length defaults to 1024
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,22 +208,25 @@ def build_tiny_t5(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0)
 def build_tiny_causal_lm(
     tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0, padding_side: str = "right"
 ) -> Path:
-    """Save a 2-layer, 64-dim Llama and a copy of the tokenizer that does not append `</s>`.
+    """Save a 2-layer, 64-dim Llama and its tokenizer: `tokenizer`'s vocabulary without the
+    automatic `</s>`, with ChatML (`_causal_tokenizer`).
 
     `padding_side="right"` suits training; batched generation wants "left", which a recipe
-    can set on the loaded tokenizer.
+    can set on the loaded tokenizer. As Qwen2.5-Instruct: config eos `<|im_end|>`, generation
+    stops at `<|im_end|>` or the base's end of text `</s>`, pad `<pad>`.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    tokenizer = _causal_tokenizer(tokenizer, padding_side)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer),  # 1,322 BPE tokens + <|im_start|>, <|im_end|>
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=1024,  # prompt (~330 tokens max) + summary (~35) fits easily
+        max_position_embeddings=1024,  # longest dialogue + summary ~370 tokens, conversation 441
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,  # the smoke tokenizer has no BOS
@@ -192,9 +234,21 @@ def build_tiny_causal_lm(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # Llama's init (std 0.02) gives the head rows of norm 0.02 * 64**0.5 = 0.16 behind a final
+    # RMSNorm (hidden norm 8): logits stay within +-1.3, so a LoRA run, which trains neither
+    # head nor norm, cannot go far below ln(V). std d_model**-0.5, as the tiny T5's head, puts
+    # initial logits at unit scale (loss ~ ln(V) + 0.5) and lets adapters reach confident ones.
+    # Measured, smoke/chat_lora.yaml at lr 3e-3: eval loss 7.21 -> 6.34 before, 7.75 -> 2.52 now.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=config.hidden_size**-0.5)
+    model.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids(EOS),
+    ]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     path = Path(path)
     model.save_pretrained(path)
-    _causal_tokenizer(tokenizer, padding_side).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -258,14 +312,16 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
     """Build (once) and return the smoke data splits and the two tiny models.
 
     Layout under `cache_dir` (default `$CLUSTERTUNE_CACHE` or `~/.cache/clustertune`):
-    `smoke/data/{train,validation,test}.jsonl`, `smoke/tiny-t5/`, `smoke/tiny-causal/`.
+    `smoke/data/{train,validation,test}.jsonl` (dialogues),
+    `smoke/data/chat_{train,validation,test}.jsonl` (conversations), `smoke/tiny-t5/`,
+    `smoke/tiny-causal/`.
     Each folder is built in a temporary folder and renamed into place under a file lock, so
     concurrent callers never see half-written assets. Returns at once when present; building
     takes ~2 s plus importing torch and transformers.
     """
     root = Path(cache_dir or default_cache_dir()) / "smoke"
     folders = {key: root / name for key, name in _FOLDERS.items()}
-    paths = {split: folders["data"] / f"{split}.jsonl" for split in SPLITS}
+    paths = {split: folders["data"] / f"{split}.jsonl" for split in (*SPLITS, *CHAT_SPLITS)}
     paths |= {"tiny_t5": folders["tiny_t5"], "tiny_causal": folders["tiny_causal"]}
     if all(_is_current(folder) for folder in folders.values()):
         return paths
@@ -282,6 +338,7 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
             try:
                 if key == "data":
                     ensure_smoke_data(build_dir)
+                    ensure_chat_data(build_dir)
                 else:
                     if tokenizer is None:
                         tokenizer = _smoke_tokenizer(paths["train"])
@@ -294,6 +351,7 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
 
 
 def _smoke_tokenizer(train_path: Path) -> PreTrainedTokenizerFast:
-    """The smoke tokenizer, trained on the train split's dialogues and summaries."""
+    """The smoke tokenizer, trained on the train split's dialogues and summaries (not on the
+    chat data: the T5 assets stay what they were before the chat data existed)."""
     rows = read_jsonl(train_path)
     return build_tokenizer(text for row in rows for text in (row["dialogue"], row["summary"]))

@@ -27,7 +27,7 @@ from clustertune.smoke.scenarios import (
 )
 
 
-def _generate_example(rng: random.Random) -> tuple[Scenario, dict[str, str], str]:
+def generate_dialogue(rng: random.Random) -> tuple[Scenario, dict[str, str], str]:
     """One dialogue: its scenario, the chosen slot values and the `#PersonN#: ...` text."""
     scenario = rng.choice(SCENARIOS)
     slots = {name: rng.choice(values) for name, values in scenario.slots.items()}
@@ -79,7 +79,7 @@ def generate_dialogsum_like(
     rng = random.Random(seed)
     rows = []
     for index in range(num_examples):
-        scenario, slots, dialogue = _generate_example(rng)
+        scenario, slots, dialogue = generate_dialogue(rng)
         row = {
             "id": f"{id_prefix}_{index}",
             "dialogue": dialogue,

@@ -4,7 +4,9 @@
 summary templates each); `FILLER` and `REACTIONS` are small talk that pads a dialogue without
 carrying a slot value; `GREETINGS` and `CLOSINGS` open and close it. `SPLITS` gives each split's
 size and seed, and `MIN_TURNS`..`MAX_WORDS` bound a dialogue's length. The generator that turns
-these into rows is `clustertune.smoke.dialogues`.
+these into rows is `clustertune.smoke.dialogues`. The chat tables at the end (`CHAT_SPLITS`,
+system prompts and the reply style each asks for, follow-up questions, slot labels) are read
+by `clustertune.smoke.chats`.
 
 Changing anything here changes the generated assets: bump `SMOKE_VERSION` in
 `clustertune.smoke.assets` when you do.
@@ -390,3 +392,58 @@ CLOSINGS = ("Thank you very much.", "Goodbye.", "Have a nice day.", "Thanks for 
 
 MIN_TURNS, MAX_TURNS = 2, 10
 MIN_WORDS, MAX_WORDS = 30, 250
+
+# ---------------------------------------------------------------------------------------
+# Chat data (`clustertune.smoke.chats`): conversations with an assistant about the scenarios
+# ---------------------------------------------------------------------------------------
+
+# Seeds apart from SPLITS'. chat_test is held out (its own seed, and no conversation equal to
+# a chat_train one) and always ends with an informative reply, its evaluation reference.
+CHAT_SPLITS = {  # split name -> (rows, seed)
+    "chat_train": (2000, 10),
+    "chat_validation": (200, 11),
+    "chat_test": (200, 12),
+}
+MIN_EXCHANGES, MAX_EXCHANGES = 1, 3  # user + assistant turns per conversation
+
+# System prompts and the reply style each asks for: 0 (or no system turn) gives the full
+# replies, 1 the brief ones, so the system turn changes what the assistant says.
+SYSTEM_PROMPTS = (
+    ("You are a helpful assistant.", 0),
+    ("You are a helpful assistant for a busy office. Answer every question in full.", 0),
+    ("You are a helpful assistant. Answer briefly.", 1),
+    ("Keep your answers short.", 1),
+)
+SUMMARIZE_REQUEST = "Summarize the following conversation.\n\n{dialogue}"
+FOLLOW_UPS = (
+    "Sorry, what was the {label} again?",
+    "Can you tell me the {label} again?",
+    "Which {label} was it?",
+)
+# Style 0 says which slot it answers; style 1 gives the value alone ("Four.").
+FOLLOW_UP_ANSWERS = ("The {label} is {value}.", "{Value}.")
+CLOSING_REPLIES = ("You are welcome. Have a nice day.", "You are welcome.")
+# What a follow-up question calls each scenario slot.
+SLOT_LABELS = {
+    "party": "party size",
+    "time": "time",
+    "restaurant": "restaurant",
+    "count": "number of tickets",
+    "city": "city",
+    "day": "day",
+    "place": "place",
+    "street": "street name",
+    "direction": "direction",
+    "name": "name",
+    "job": "job",
+    "years": "number of years",
+    "symptom": "problem",
+    "duration": "duration",
+    "advice": "advice",
+    "hotel": "hotel",
+    "nights": "number of nights",
+    "room": "room type",
+    "color": "color",
+    "item": "item",
+    "price": "price in dollars",
+}

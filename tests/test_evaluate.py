@@ -375,7 +375,7 @@ def test_run_dir_gives_model_prompt_and_truncation(tmp_path, smoke_assets):
 # ----------------------------------------------------------------------------- configs and CLI
 
 
-@pytest.mark.parametrize("name", ["smoke", "flan_t5_base"])
+@pytest.mark.parametrize("name", ["smoke", "flan_t5_base", "qwen2_5_0_5b"])
 def test_shipped_eval_configs_load(name):
     path = REPO / "recipes" / "configs" / name / "evaluate.yaml"
     assert path.read_text().startswith("#")

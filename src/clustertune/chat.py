@@ -185,7 +185,10 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
         return []
     tail = text[text.rfind(probe) + len(probe) :].strip()
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    found = [ids[0]] if ids else []
+    # only a special token: an ordinary one (e.g. the "<" of a marker written as text) would
+    # stop generation wherever that text occurs
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    found = [ids[0]] if ids and ids[0] in special else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in found:
         found.append(tokenizer.eos_token_id)
     return found

@@ -55,7 +55,7 @@ def _truncate(ids: list[int], max_length: int, keep_last: int | None) -> list[in
     return ids[:max_length]
 
 
-def _cut_text(tokenizer: Any, text: str, max_tokens: int) -> tuple[str, bool]:
+def cut_text(tokenizer: Any, text: str, max_tokens: int) -> tuple[str, bool]:
     """`text` cut before its token max_tokens (at a token's first character, so the kept
     part tokenises as it did), and whether it was cut."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
@@ -140,8 +140,8 @@ def tokenize_dataset(
                 )
         elif spec.use_chat_template:
             for prompt, target in zip(prompts, targets, strict=True):
-                prompt, prompt_cut = _cut_text(tokenizer, prompt, spec.max_source_length)
-                target, target_cut = _cut_text(tokenizer, target, spec.max_target_length)
+                prompt, prompt_cut = cut_text(tokenizer, prompt, spec.max_source_length)
+                target, target_cut = cut_text(tokenizer, target, spec.max_target_length)
                 turns = [
                     {"role": "user", "content": prompt},
                     {"role": "assistant", "content": target},

@@ -6,6 +6,10 @@ recipes/evaluate.py runs it; recipes/compare.py (or `evaluate.py --compare`) com
 Where things live:
 - config.py     `EvaluateConfig` and its sections, value checks, and resolution of unset
                 keys from a training run_dir or an adapter (`resolve_config`);
+- settings.py   its generation and rouge sections, and `generate_kwargs`;
+- prompts.py    how a row becomes a prompt as training rendered it: raw text, text as the
+                user turn of the chat template, or a conversation up to its last assistant
+                turn; the tokens generation stops at (end-of-turn, EOS);
 - evalset.py    the eval set (ids, references, tokenised prompts), batching, padding, and
                 merging the predictions gathered from all ranks;
 - evaluator.py  the `Evaluator` lifecycle: accelerator, model (LoRA merged), batch_size auto,
@@ -16,6 +20,8 @@ Where things live:
 - compare.py    side-by-side comparison of evaluations (comparison.md, comparison.png).
 
 Why the result is the same for 1, 2 or N ranks:
+- decoder-only prompts are left-padded (generation continues from the last position), and
+  with the same batches the padding is the same on any world size;
 - examples are sorted by prompt length (longest first, ties by position) and cut into
   batches of `batch_size` *before* anything depends on the world size, so every example is
   generated in the same batch, with the same padding, whatever the cluster shape;
@@ -54,8 +60,10 @@ from clustertune.evaluation.evalset import (
     merge_predictions,
     pad_prompts,
     reference_lists,
+    until_stop,
 )
 from clustertune.evaluation.evaluator import Evaluator
+from clustertune.evaluation.prompts import PromptStyle, stop_token_ids
 from clustertune.evaluation.report import example_scores
 
 __all__ = [
@@ -66,6 +74,7 @@ __all__ = [
     "EvaluateConfig",
     "Evaluator",
     "GenerationSettings",
+    "PromptStyle",
     "System",
     "adapter_base",
     "assign_ids",
@@ -84,4 +93,6 @@ __all__ = [
     "plot_comparison",
     "reference_lists",
     "resolve_config",
+    "stop_token_ids",
+    "until_stop",
 ]

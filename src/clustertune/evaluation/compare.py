@@ -318,7 +318,7 @@ def compare_runs(
         [
             "# ROUGE comparison",
             "",
-            f"Data: {first.get('source')} ({first.get('num_examples')} examples, references {first.get('reference_columns')}). "
+            f"Data: {first.get('source')} ({first.get('num_examples')} examples, references {first.get('reference_columns') or 'the last assistant turn'}). "
             f"ROUGE F x100 {stemming} stemming; headline rows are protocols.{headline} (rouge.json's "
             "protocol_descriptions says how it is computed), with a seeded 95% bootstrap interval; "
             f"(+x) is the change against {labels[0]}.",

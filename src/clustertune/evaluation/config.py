@@ -1,19 +1,20 @@
 """The evaluation config: `EvaluateConfig` and its sections, their value checks, and resolution.
 
-- `EvalModelConfig`, `EvalDataConfig`, `GenerationSettings`, `RougeSettings`,
-  `EvaluateConfig`: the keys of recipes/evaluate.py (`--help` lists them). Where an eval
-  default is the training default (seed, dtype, prompt template, source column,
-  truncation, ...), it is read from `clustertune.config`, so the two cannot drift apart.
-  Enumerated keys are `Literal`s, checked by `clustertune.config.Validated` when a section
-  is built (one line naming the key and its choices).
+- `EvalModelConfig`, `EvalDataConfig`, `EvaluateConfig` (with settings.py's
+  `GenerationSettings`, `RougeSettings`): the keys of recipes/evaluate.py (`--help` lists
+  them). Where an eval default is the training default (seed, dtype, prompt template, source
+  column, truncation, chat format, ...), it is read from `clustertune.config`, so the two
+  cannot drift apart. Enumerated keys are `Literal`s, checked by
+  `clustertune.config.Validated` when a section is built (one line naming the key and its
+  choices).
 - `resolve_config`: fills every unset key, before any model is loaded or process group made:
-  from `run_dir` (`_from_run_dir`: the run's final/ and its prompt settings), from the
-  adapter (`adapter_base`: the base it records; for adapter_paths `_adapter_set`: one
-  base, one folder name each), else the training defaults; then
-  `_check_values` checks what needs the resolved values (`_check_data`: eval data given,
-  the prompt's placeholder). Each section's own values are checked by its `validate()`
-  when the section is built, before anything is resolved.
-- `generate_kwargs`: the generation settings as `model.generate` keyword arguments.
+  from `run_dir` (`_from_run_dir`: the run's final/, its tokenizer and the prompt settings
+  final/ was trained with, FINAL_PROMPT_KEYS), from the adapter (`adapter_base`: the base it
+  records; for adapter_paths `_adapter_set`: one base, one folder name each), else the
+  training defaults; then `_check_values` checks what needs the resolved values
+  (`_check_data`: eval data given, the prompt's placeholder). Each section's own values are
+  checked by its `validate()` when the section is built, before anything is resolved.
+- `generate_kwargs` (settings.py): the generation settings as `model.generate` keyword arguments.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from clustertune.checkpoint import MARKER as CHECKPOINT_MARKER
 from clustertune.config import (
@@ -31,14 +32,21 @@ from clustertune.config import (
     Precision,
     Validated,
     at_least,
+    check_choice,
     check_prompt_template,
     check_source_placeholder,
     in_range,
     parse_config,
-    positive,
 )
+from clustertune.config.checks import DataFormat
 from clustertune.errors import UserError
 from clustertune.evaluation.adapters import check_adapter_keys, check_names, default_names
+from clustertune.evaluation.settings import (  # noqa: F401  (re-exported: the config's sections)
+    GenerationSettings,
+    HeadlineProtocol,
+    RougeSettings,
+    generate_kwargs,
+)
 from clustertune.run_identity import (
     FINAL_MARKER,
     FINAL_PROMPT_KEYS,
@@ -58,6 +66,10 @@ class EvalModelConfig(Validated):
     name_or_path: str | None = None
     # A LoRA adapter folder (adapter_config.json) applied to name_or_path and merged for speed.
     adapter_path: str | None = None
+    # The tokenizer (and its chat template). Unset: the run's final/ with run_dir (saved by
+    # training, with the template it trained with), else adapter_path where it holds one,
+    # else name_or_path.
+    tokenizer: str | None = None
     # Allow a base whose name differs from the one the adapter records (e.g. a local copy of
     # the same hub model); shapes are still checked when the adapter is loaded.
     allow_base_mismatch: bool = False
@@ -90,9 +102,26 @@ class EvalDataConfig(Validated):
     # Split of the hub dataset.
     split: str = "test"
     # Columns holding the reference summaries; every one is scored (best, mean, first).
-    reference_columns: list[str] = field(default_factory=lambda: [_TRAINING.data.target_column])
+    # Unset: [summary] (text); the content of each conversation's last assistant turn (chat).
+    reference_columns: list[str] | None = None
     # Column with a unique example id; unset: `id`, else `fname`, else the row index.
     id_column: str | None = None
+    # text | chat. chat: each row's conversation (messages_column) up to its last assistant
+    # turn is the prompt, rendered with the chat template (decoder-only models). Unset: the
+    # training run's with run_dir, else text.
+    format: str | None = None
+    # chat: the column of conversations. Unset: the training run's with run_dir, else messages.
+    messages_column: str | None = None
+    # Decoder-only: a Jinja file, or a built-in (chatml), replacing the tokenizer's template;
+    # empty: the tokenizer's own (with run_dir: the one final/ was trained with).
+    chat_template: str = ""
+    # text on a decoder-only model: the prompt rendered as the user turn with the chat
+    # template and its generation prompt (null: when the tokenizer has a template; false: the
+    # raw prompt). Unset with run_dir: the training run's.
+    use_chat_template: bool | None = None
+    # chat: tokens per conversation in training; a prompt leaving no room for its reply within
+    # it is invalid. Unset: the training run's with run_dir, else 1024.
+    max_length: int | None = None
     # Unset: the training run's value with run_dir, else "dialogue".
     source_column: str | None = None
     # Unset: the training run's prompt with run_dir, else the seed tutorial's prompt.
@@ -101,11 +130,21 @@ class EvalDataConfig(Validated):
     max_source_length: int | None = None
     # Evaluate only the first N examples (None: all).
     max_examples: int | None = None
-    # Rows whose prompt text is null, missing, empty or not a string, or that have no
-    # reference: false refuses the data naming the first one; true skips them and says how many.
+    # Rows whose prompt text is null, missing, empty or not a string, that have no reference,
+    # or (chat) whose conversation cannot be used: false refuses the data naming the first
+    # one; true skips them and says how many.
     skip_invalid_rows: bool = False
 
     def validate(self) -> None:
+        if self.format is not None:
+            check_choice("data.format", self.format, DataFormat)
+        if self.format == "chat" and self.use_chat_template is False:
+            raise UserError(
+                "data.format=chat is rendered with the chat template; remove "
+                "data.use_chat_template=false (it is for data.format=text)."
+            )
+        if self.max_length is not None:
+            at_least("data.max_length", self.max_length, 2)
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template)
         if self.max_examples is not None and self.max_examples < 1:
@@ -118,67 +157,12 @@ class EvalDataConfig(Validated):
 
 
 @dataclass
-class GenerationSettings(Validated):
-    SECTION: ClassVar[str] = "generation"
-
-    # Tokens generated per example at most (DialogSum summaries: ~25 median, rarely > 100).
-    max_new_tokens: int = 128
-    # Tokens generated per example at least (0: stop at the first EOS).
-    min_new_tokens: int = 0
-    # 1: greedy. Beam search costs num_beams x the compute and memory of greedy.
-    num_beams: int = 1
-    # Sampling makes predictions depend on the seed and on the world size; off for evaluation.
-    do_sample: bool = False
-    # Used only with do_sample.
-    temperature: float = 1.0
-    # Used only with do_sample.
-    top_p: float = 1.0
-    # Used only with do_sample.
-    top_k: int = 50
-    # Beam search only: > 1 favours longer outputs, < 1 shorter.
-    length_penalty: float = 1.0
-    # Beam search only: stop when num_beams finished candidates exist.
-    early_stopping: bool = False
-    # Forbid repeating any n-gram of this size (0: off).
-    no_repeat_ngram_size: int = 0
-    # > 1 penalises tokens already generated (1: off).
-    repetition_penalty: float = 1.0
-
-    def validate(self) -> None:
-        at_least("generation.max_new_tokens", self.max_new_tokens, 1)
-        at_least("generation.min_new_tokens", self.min_new_tokens, 0)
-        at_least("generation.num_beams", self.num_beams, 1)
-        positive("generation.temperature", self.temperature, example=1.0)
-        if not 0 < self.top_p <= 1:  # nucleus sampling keeps at least the likeliest token
-            raise UserError(f"generation.top_p={self.top_p} must be in (0, 1], e.g. 0.9.")
-        at_least("generation.top_k", self.top_k, 0, "0: no top-k filtering")
-        at_least("generation.no_repeat_ngram_size", self.no_repeat_ngram_size, 0, "0: off")
-        positive("generation.repetition_penalty", self.repetition_penalty, example=1.0)
-
-
-# The report names of clustertune.rouge's protocols (tests check that the two lists agree).
-HeadlineProtocol = Literal["best_reference", "mean_over_references", "first_reference", "evaluate"]
-
-
-@dataclass
-class RougeSettings(Validated):
-    SECTION: ClassVar[str] = "rouge"
-
-    # Porter stemming before matching (rouge_score's use_stemmer), in every protocol. true: the
-    # transformers summarisation examples and the FLAN-T5 course lab; false: evaluate's default.
-    use_stemmer: bool = True
-    # Protocol of rouge.json's top-level rouge1..rougeLsum and the table's CI column:
-    # best_reference | mean_over_references | first_reference | evaluate (rouge.json's
-    # protocol_descriptions says how each is computed).
-    headline: HeadlineProtocol = "best_reference"
-
-
-@dataclass
 class EvaluateConfig(Validated):
     # Everything the evaluation writes: config.yaml, predictions.jsonl, rouge.json.
     output_dir: str = "outputs/eval"
     # A training output_dir: the model is its final/ (or its base + final/ as LoRA adapter),
-    # and data.source_column/prompt_template/max_source_length default to the run's.
+    # the tokenizer final/'s, and the unset prompt keys (data.format, messages_column,
+    # use_chat_template, max_length, source_column, prompt_template, max_source_length) the run's.
     run_dir: str | None = None
     # Seeds sampling (if on) and the bootstrap of the confidence intervals.
     seed: int = _TRAINING.seed
@@ -254,6 +238,9 @@ def _unset_or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+_NOT_RECORDED = object()  # a key the marker lacks (null is a value: use_chat_template auto)
+
+
 def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
     """What final/ was trained with: the base model and the FINAL_PROMPT_KEYS, read from its
     marker (or the fingerprint it records). config.yaml is read only for a marker without
@@ -263,11 +250,13 @@ def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
     recorded_fingerprint = marker.get("fingerprint", {})
 
     def recorded(name: str, key: str) -> Any:
-        return marker.get(name, recorded_fingerprint.get(key))
+        return marker.get(name, recorded_fingerprint.get(key, _NOT_RECORDED))
 
     settings = {name: recorded(name, key) for name, key in FINAL_PROMPT_KEYS.items()}
     settings["base_model"] = recorded("base_model", "model.name_or_path")
-    if any(value is None for value in settings.values()):
+    if settings["base_model"] is None:
+        settings["base_model"] = _NOT_RECORDED
+    if any(value is _NOT_RECORDED for value in settings.values()):
         config_file = run / "config.yaml"
         if not config_file.is_file():
             raise UserError(
@@ -282,7 +271,8 @@ def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
         }
         from_config["base_model"] = trained.model.name_or_path
         settings = {
-            name: from_config[name] if value is None else value for name, value in settings.items()
+            name: from_config[name] if value is _NOT_RECORDED else value
+            for name, value in settings.items()
         }
     return settings
 
@@ -314,8 +304,13 @@ def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
             f"model.adapter_path='{cfg.model.adapter_path}' and run_dir='{cfg.run_dir}' both name a model; "
             "set only one of them."
         )
+    # final/ holds the tokenizer training used, with the chat template it trained with.
+    saved_tokenizer = (final / "tokenizer_config.json").is_file()
     model = replace(
-        cfg.model, name_or_path=model_name, adapter_path=str(final) if is_adapter else None
+        cfg.model,
+        name_or_path=model_name,
+        adapter_path=str(final) if is_adapter else None,
+        tokenizer=_unset_or(cfg.model.tokenizer, str(final) if saved_tokenizer else None),
     )
     data_cfg = cfg.data
     data = replace(
@@ -398,17 +393,35 @@ def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
         raise UserError(
             "no model: set model.name_or_path (base or full fine-tune), model.adapter_path, or run_dir."
         )
-    # Without run_dir, the prompt settings are the training defaults (the seed tutorial's).
-    data_cfg = cfg.data
-    data = replace(
-        data_cfg,
-        source_column=_unset_or(data_cfg.source_column, _TRAINING.data.source_column),
-        prompt_template=_unset_or(data_cfg.prompt_template, SEED_PROMPT),
-        max_source_length=_unset_or(data_cfg.max_source_length, _TRAINING.data.max_source_length),
-    )
-    cfg = replace(cfg, model=model, data=data)
+    if model.tokenizer is None:  # a LoRA run's final/ saves the tokenizer beside the adapter
+        adapter = Path(model.adapter_path or "").expanduser()
+        saved = model.adapter_path is not None and (adapter / "tokenizer_config.json").is_file()
+        model = replace(model, tokenizer=model.adapter_path if saved else model.name_or_path)
+    cfg = replace(cfg, model=model, data=_data_defaults(cfg.data))
     _check_values(cfg)
     return cfg, notes
+
+
+def _data_defaults(data_cfg: EvalDataConfig) -> EvalDataConfig:
+    """Without run_dir (or for keys a run does not set), the training defaults: the seed
+    tutorial's prompt, text format. use_chat_template stays null (when the tokenizer has a
+    template: known once it is loaded) and a chat set's reference_columns null (the last
+    assistant turn)."""
+    training = _TRAINING.data
+    data_format = _unset_or(data_cfg.format, training.format)
+    references = data_cfg.reference_columns
+    if references is None and data_format == "text":
+        references = [training.target_column]
+    return replace(
+        data_cfg,
+        format=data_format,
+        messages_column=_unset_or(data_cfg.messages_column, training.messages_column),
+        max_length=_unset_or(data_cfg.max_length, training.max_length),
+        reference_columns=references,
+        source_column=_unset_or(data_cfg.source_column, training.source_column),
+        prompt_template=_unset_or(data_cfg.prompt_template, SEED_PROMPT),
+        max_source_length=_unset_or(data_cfg.max_source_length, training.max_source_length),
+    )
 
 
 # ------------------------------------------------------------------- value checks
@@ -422,11 +435,13 @@ def _check_data(data_cfg: EvalDataConfig) -> None:
         )
     if data_cfg.eval_file and data_cfg.dataset:
         raise UserError("set only one of data.eval_file and data.dataset.")
-    if not data_cfg.reference_columns:
+    if data_cfg.reference_columns is not None and not data_cfg.reference_columns:
         raise UserError(
-            "data.reference_columns is empty; list the reference column(s), e.g. [summary]."
+            "data.reference_columns is empty; list the reference column(s), e.g. [summary]"
+            + (", or unset it for the last assistant turn." if data_cfg.format == "chat" else ".")
         )
-    check_source_placeholder(data_cfg.prompt_template, data_cfg.source_column)
+    if data_cfg.format != "chat":  # a conversation has no prompt template or source column
+        check_source_placeholder(data_cfg.prompt_template, data_cfg.source_column)
 
 
 def _check_values(cfg: EvaluateConfig) -> None:
@@ -436,26 +451,3 @@ def _check_values(cfg: EvaluateConfig) -> None:
     (built with `replace`); the enumerated keys (model.dtype, batch_size: a number or auto)
     by `Validated`."""
     _check_data(cfg.data)
-
-
-def generate_kwargs(generation: GenerationSettings) -> dict[str, Any]:
-    """Only the settings that apply (transformers warns about e.g. temperature without sampling),
-    each passed explicitly, so a model's generation_config.json cannot change them."""
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": generation.max_new_tokens,
-        "min_new_tokens": generation.min_new_tokens,
-        "num_beams": generation.num_beams,
-        "do_sample": generation.do_sample,
-        "no_repeat_ngram_size": generation.no_repeat_ngram_size,
-        "repetition_penalty": generation.repetition_penalty,
-        "use_cache": True,  # a config saved with gradient checkpointing may say use_cache=false
-    }
-    if generation.do_sample:
-        kwargs.update(
-            temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k
-        )
-    if generation.num_beams > 1:
-        kwargs.update(
-            length_penalty=generation.length_penalty, early_stopping=generation.early_stopping
-        )
-    return kwargs

@@ -1,12 +1,14 @@
 """The eval set and how it is cut into batches: what makes the result independent of world size.
 
 - `assign_ids`, `reference_lists`, `EvalSet`, `load_eval_set`: load the data, give every
-  example a stable id and its references, and tokenise the prompts exactly as training does.
+  example a stable id and its references, and tokenise the prompts exactly as training does
+  (text rows; text rendered with the chat template; conversations: prompts.py says how).
 - `make_batches`: examples sorted by prompt length (longest first, ties by position) are cut
   into batches *before* anything depends on the world size; `clustertune.sampler.deal_to_ranks`
   then gives batch k to rank k % world_size, and under ZeRO-3 a rank short of batches repeats
   the last one (its outputs dropped) so every rank makes the same number of `generate` calls.
-- `pad_prompts`, `count_generated`: the tensors of one generate call, and its token counts.
+- `pad_prompts`, `count_generated`, `until_stop`: the tensors of one generate call, its token
+  counts, and the new tokens each prediction decodes (up to the first stop token).
 - `merge_predictions`: the (id, text) records gathered from all ranks put back in id order,
   de-duplicated, so an example can never count twice or go missing.
 """
@@ -20,10 +22,18 @@ from typing import Any
 
 import torch
 
+from clustertune import chat
 from clustertune import data as data_lib
 from clustertune.config import template_fields
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvalDataConfig
+from clustertune.evaluation.prompts import (
+    PromptStyle,
+    chat_prompt,
+    last_reply,
+    prompt_style,
+    templated_prompt,
+)
 
 ID_COLUMNS = ("id", "fname")  # DialogSum's Hub copy has `id`; the official jsonl has `fname`
 
@@ -112,25 +122,46 @@ def _valid_rows(
 @dataclass
 class EvalSet:
     ids: list[str]
-    prompts: list[str]
+    prompts: list[str]  # as predictions.jsonl shows them (chat: rendered with the template)
     prompt_ids: list[list[int]]  # exactly what training feeds the model (same truncation)
     references: list[list[str]]
     id_source: str
     num_truncated: int
+    style: PromptStyle = PromptStyle("text", False)
 
 
-def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSet:
+def _source(data_cfg: EvalDataConfig) -> tuple[str, str]:
+    """The eval data and the key that names it, for messages."""
+    if data_cfg.eval_file:
+        return data_cfg.eval_file, "data.eval_file"
+    return str(data_cfg.dataset), "data.dataset"
+
+
+def _check_reference_columns(dataset: Any, data_cfg: EvalDataConfig, source: str) -> None:
+    missing = [c for c in data_cfg.reference_columns or () if c not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"data.reference_columns: '{source}' has no column {', '.join(repr(c) for c in missing)} "
+            f"(columns: {', '.join(dataset.column_names)}); set data.reference_columns to the reference summary column(s)."
+        )
+
+
+def load_eval_set(
+    data_cfg: EvalDataConfig, tokenizer: Any, kind: str, model_name: str = "the model"
+) -> EvalSet:
     """Load, validate and tokenise the eval data. `data_cfg` must be resolved (resolve_config).
 
-    Prompts go through data.tokenize_dataset, the training pipeline, with the first reference
-    as its target: seq2seq input_ids are the prompt; causal ones are prompt + target, of which
-    the first num_source_tokens are the prompt. Truncation is therefore training's, by construction.
+    Raw text prompts go through data.tokenize_dataset, the training pipeline, with the first
+    reference as its target: seq2seq input_ids are the prompt; causal ones are prompt + target,
+    of which the first num_source_tokens are the prompt. Truncation is therefore training's, by
+    construction. Prompts rendered with the chat template (conversations, or text with
+    use_chat_template) are built by prompts.py, cut as training cuts them.
     """
-    source, what = (
-        (data_cfg.eval_file, "data.eval_file")
-        if data_cfg.eval_file
-        else (data_cfg.dataset, "data.dataset")
-    )
+    style = prompt_style(data_cfg, tokenizer, kind, model_name)
+    if style.format == "chat":
+        return _load_chat_set(data_cfg, tokenizer, style)
+    source, what = _source(data_cfg)
+    references_from = data_cfg.reference_columns or []
     prompt_columns = template_fields(data_cfg.prompt_template)
     dataset = data_lib.load_split(
         source,
@@ -139,12 +170,7 @@ def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSe
         what=what,
         text_columns=(),  # checked below, with the references, keeping each row's position
     )
-    missing = [c for c in data_cfg.reference_columns if c not in dataset.column_names]
-    if missing:
-        raise UserError(
-            f"data.reference_columns: '{source}' has no column {', '.join(repr(c) for c in missing)} "
-            f"(columns: {', '.join(dataset.column_names)}); set data.reference_columns to the reference summary column(s)."
-        )
+    _check_reference_columns(dataset, data_cfg, source)
     rows = _valid_rows(dataset, data_cfg, source, what, prompt_columns)
     if data_cfg.max_examples is not None:
         rows = rows[: data_cfg.max_examples]
@@ -152,11 +178,26 @@ def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSe
         dataset = dataset.select(rows)
     columns = dataset.to_dict()
     ids, id_source = assign_ids(columns, len(dataset), data_cfg.id_column, row_numbers=rows)
-    references = reference_lists(columns, data_cfg.reference_columns, ids)
+    references = reference_lists(columns, references_from, ids)
+    records = [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+    prompts = [data_cfg.prompt_template.format(**row) for row in records]
+    if style.chat_template:  # the prompt's content cut to max_source_length tokens, as trained
+        rendered = [templated_prompt(tokenizer, p, data_cfg.max_source_length) for p in prompts]
+        return EvalSet(
+            ids,
+            [text for text, _, _ in rendered],
+            [prompt for _, prompt, _ in rendered],
+            references,
+            id_source,
+            sum(cut for _, _, cut in rendered),
+            style,
+        )
     spec = data_lib.TokenizeSpec(
         kind,
         data_cfg.prompt_template,
-        data_cfg.reference_columns[0],
+        references_from[0],
         data_cfg.max_source_length,
         max_target_length=1 << 30,
     )
@@ -165,12 +206,73 @@ def load_eval_set(data_cfg: EvalDataConfig, tokenizer: Any, kind: str) -> EvalSe
     prompt_ids = [
         ids_[:length] for ids_, length in zip(tokenized["input_ids"], lengths, strict=True)
     ]
-    rows = [
-        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
-    ]
-    prompts = [data_cfg.prompt_template.format(**row) for row in rows]
+    truncated = int(sum(tokenized["source_truncated"]))
+    return EvalSet(ids, prompts, prompt_ids, references, id_source, truncated, style)
+
+
+def _load_chat_set(data_cfg: EvalDataConfig, tokenizer: Any, style: PromptStyle) -> EvalSet:
+    """Conversations: each prompt the conversation before its last assistant reply; the
+    references that reply, or data.reference_columns. Rows that cannot be evaluated (see
+    chat.messages_problem, prompts.chat_prompt) are refused naming the first, or skipped."""
+    source, what = _source(data_cfg)
+    column = str(data_cfg.messages_column)
+
+    def row_problem(record: dict) -> str | None:  # names the line of a file datasets cannot load
+        problem = chat.messages_problem(record.get(column))
+        return f"'{column}' {problem}" if problem else None
+
+    dataset = data_lib.load_split(
+        source,
+        split=data_cfg.split,
+        required_columns=[column],
+        what=what,
+        text_columns=(),  # checked below, keeping each row's position
+        row_problem=row_problem,
+    )
+    _check_reference_columns(dataset, data_cfg, source)
+    max_length = int(data_cfg.max_length or 0)
+    built = [chat_prompt(tokenizer, messages, max_length) for messages in dataset[column]]
+    problems = {row: (column, b) for row, b in enumerate(built) if isinstance(b, str)}
+    if data_cfg.reference_columns:
+        invalid = data_lib.find_invalid_rows(dataset, (), data_cfg.reference_columns)
+        for row in invalid.rows if invalid else ():
+            problems.setdefault(row, (invalid.first_column, invalid.first_problem))
+    rows = list(range(len(dataset)))
+    if problems:
+        bad = sorted(problems)
+        first_column, first_problem = problems[bad[0]]
+        checked = (column, *(data_cfg.reference_columns or ()))
+        data_lib.refuse_or_skip_invalid_rows(
+            dataset,
+            data_lib.InvalidRows(bad, first_column, first_problem, checked),
+            source=source,
+            what=what,
+            skip=data_cfg.skip_invalid_rows,
+            problems="conversations that cannot be evaluated (malformed, no assistant turn, "
+            "a prompt too long for data.max_length) or no reference",
+        )
+        rows = [row for row in rows if row not in problems]
+        if not rows:
+            raise UserError(f"{what}: '{source}' has no valid examples left to evaluate.")
+    if data_cfg.max_examples is not None:
+        rows = rows[: data_cfg.max_examples]
+    if len(rows) != len(dataset):
+        dataset = dataset.select(rows)
+    columns = dataset.to_dict()
+    ids, id_source = assign_ids(columns, len(dataset), data_cfg.id_column, row_numbers=rows)
+    if data_cfg.reference_columns:
+        references = reference_lists(columns, data_cfg.reference_columns, ids)
+    else:
+        references = [[last_reply(chat.clean_messages(m))] for m in columns[column]]
+    prompts = [built[row] for row in rows]
     return EvalSet(
-        ids, prompts, prompt_ids, references, id_source, int(sum(tokenized["source_truncated"]))
+        ids,
+        [text for text, _ in prompts],  # type: ignore[misc]  (the valid rows: tuples)
+        [prompt for _, prompt in prompts],  # type: ignore[misc]
+        references,
+        id_source,
+        0,  # never cut: a prompt too long for max_length is invalid (above)
+        style,
     )
 
 
@@ -209,6 +311,18 @@ def count_generated(new_tokens: torch.Tensor, eos_token_ids: Iterable[int]) -> l
         stop = next((i for i, token in enumerate(row) if token in eos), None)
         counts.append(len(row) if stop is None else stop + 1)
     return counts
+
+
+def until_stop(new_tokens: torch.Tensor, stop_ids: Iterable[int]) -> list[list[int]]:
+    """Each row's generated tokens before its first stop token: what its prediction decodes.
+    An end-of-turn marker that is not a special token (some templates' "<end>" text) would
+    otherwise survive skip_special_tokens; rows of a batch that finished early are padded."""
+    stop = set(stop_ids)
+    rows = []
+    for row in new_tokens.tolist():
+        end = next((i for i, token in enumerate(row) if token in stop), len(row))
+        rows.append(row[:end])
+    return rows
 
 
 def merge_predictions(records: Iterable[Sequence[Any]], ids: Sequence[str]) -> list[Any]:

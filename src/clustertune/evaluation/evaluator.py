@@ -60,7 +60,9 @@ from clustertune.evaluation.evalset import (
     make_batches,
     merge_predictions,
     pad_prompts,
+    until_stop,
 )
+from clustertune.evaluation.prompts import stop_token_ids
 from clustertune.evaluation.report import build_report, write_outputs
 from clustertune.modeling import build_model, load_tokenizer, zero3_init_disabled
 from clustertune.runtime import Runtime, strategy_label
@@ -83,6 +85,7 @@ class Evaluator:
     eval_set: EvalSet
     model: Any  # prepared (the DeepSpeed engine under ZeRO-3)
     generator: Any  # the unwrapped model whose generate() is called
+    stop_ids: list[int]  # generation ends at any of them: end-of-turn (chat template), EOS
     systems: list[System]  # what is evaluated: one, or each adapter (and the base) of the job
     auto_batch: SearchResult | None  # the search trace when batch_size is auto
     batch_size: int
@@ -140,16 +143,28 @@ class Evaluator:
         self.accelerator = runtime.make_accelerator(self.ds_config, report_to=[])
         for note in notes:
             runtime.log(f"note: {note}")
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path)
+        # The tokenizer training saved (run_dir: final/'s), with the chat template it trained with.
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
         with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
-            self.eval_set = load_eval_set(cfg.data, self.tokenizer, self.kind)
-        eval_set = self.eval_set
+            self.eval_set = load_eval_set(
+                cfg.data, self.tokenizer, self.kind, cfg.model.name_or_path
+            )
+        eval_set, references = self.eval_set, cfg.data.reference_columns
+        truncated = (
+            ""
+            if eval_set.style.format == "chat"
+            else f", {eval_set.num_truncated} prompts truncated to {cfg.data.max_source_length} tokens"
+        )
         runtime.log(
             f"eval: {len(eval_set.ids)} examples from {cfg.data.eval_file or cfg.data.dataset} "
-            f"(ids: {eval_set.id_source}), {len(cfg.data.reference_columns)} reference column(s), "
-            f"{eval_set.num_truncated} prompts truncated to {cfg.data.max_source_length} tokens"
+            f"(ids: {eval_set.id_source}), references: "
+            f"{f'{len(references)} column(s)' if references else 'the last assistant turn'}, "
+            f"prompts: {eval_set.style.describe()}{truncated}"
         )
         self._setup_model()
+        self.stop_ids = stop_token_ids(
+            self.tokenizer, eval_set.style, self.generator.generation_config.eos_token_id
+        )
         self.systems = (
             adapter_systems(cfg, self.output_dir, self.generator)
             if self.multi
@@ -254,7 +269,11 @@ class Evaluator:
             **({"adapter_ranks": adapter_ranks(self.generator)} if self.multi else {}),
         )
         pad = self.tokenizer.pad_token_id
-        kwargs = {**generate_kwargs(generation), "min_new_tokens": generation.max_new_tokens}
+        kwargs = {
+            **generate_kwargs(generation),
+            "min_new_tokens": generation.max_new_tokens,
+            "eos_token_id": self.stop_ids,
+        }
 
         def make(batch_size: int) -> dict[str, torch.Tensor]:
             inputs = pad_prompts([prompt] * batch_size, pad, self.padding_side)
@@ -316,13 +335,7 @@ class Evaluator:
         tokenizer = self.tokenizer
         batches = make_batches([len(p) for p in es.prompt_ids], self.batch_size, cfg.sort_by_length)
         mine = deal_to_ranks(batches, self.world_size, accel.process_index, equal_calls=self.zero3)
-        kwargs = generate_kwargs(cfg.generation)
-        eos = self.generator.generation_config.eos_token_id
-        eos_ids = (
-            [tokenizer.eos_token_id]
-            if eos is None
-            else ([eos] if isinstance(eos, int) else list(eos))
-        )
+        kwargs = {**generate_kwargs(cfg.generation), "eos_token_id": self.stop_ids}
         progress = None
         if self.is_main:
             from tqdm.auto import tqdm
@@ -343,15 +356,18 @@ class Evaluator:
                 output = self.generator.generate(
                     **inputs, **kwargs, pad_token_id=tokenizer.pad_token_id, synced_gpus=self.zero3
                 )
-            # Decoder-only output repeats the prompt; encoder-decoder output opens with the decoder start token.
+            # Decoder-only output repeats the (left-padded) prompt: the new tokens start after its
+            # width. Encoder-decoder output opens with the decoder start token.
             new_tokens = (
                 output[:, inputs["input_ids"].shape[1] :]
                 if self.kind == "causal"
                 else output[:, 1:]
             )
             if not is_padding:
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                counts = count_generated(new_tokens, eos_ids)
+                texts = tokenizer.batch_decode(
+                    until_stop(new_tokens, self.stop_ids), skip_special_tokens=True
+                )
+                counts = count_generated(new_tokens, self.stop_ids)
                 records += [
                     (es.ids[i], text.strip(), n)
                     for i, text, n in zip(positions, texts, counts, strict=True)
@@ -423,6 +439,7 @@ class Evaluator:
             dtype=self.dtype,
             throughput=system.throughput,
             auto_batch=self.auto_batch,
+            stop_ids=self.stop_ids,
         )
         write_outputs(system.output_dir, report, self.eval_set, system.predictions)
         return report

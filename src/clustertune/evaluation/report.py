@@ -48,6 +48,7 @@ def build_report(
     dtype: str,
     throughput: dict[str, Any],
     auto_batch: SearchResult | None,
+    stop_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The content of rouge.json: scores with bootstrap intervals, then what produced them."""
     report = rouge.rouge_report(
@@ -65,19 +66,34 @@ def build_report(
         "kind": kind,
         "dtype": dtype,
     }
+    data, style = cfg.data, eval_set.style
+    is_chat = style.format == "chat"
     report["dataset"] = {
-        "source": cfg.data.eval_file or cfg.data.dataset,
-        "split": None if cfg.data.eval_file else cfg.data.split,
+        "source": data.eval_file or data.dataset,
+        "split": None if data.eval_file else data.split,
         "num_examples": len(eval_set.ids),
-        "max_examples": cfg.data.max_examples,
+        "max_examples": data.max_examples,
         "ids": eval_set.id_source,
-        "source_column": cfg.data.source_column,
-        "reference_columns": list(cfg.data.reference_columns),
-        "prompt_template": cfg.data.prompt_template,
-        "max_source_length": cfg.data.max_source_length,
-        "prompts_truncated": eval_set.num_truncated,
+        "format": style.format,
+        # null with chat data: each conversation's last assistant turn is its reference
+        "reference_columns": None
+        if data.reference_columns is None
+        else list(data.reference_columns),
+        "prompts": style.describe(),
+        **(
+            {"messages_column": data.messages_column, "max_length": data.max_length}
+            if is_chat
+            else {
+                "source_column": data.source_column,
+                "prompt_template": data.prompt_template,
+                "max_source_length": data.max_source_length,
+                "prompts_truncated": eval_set.num_truncated,
+            }
+        ),
+        # the template's own setting: empty keeps the tokenizer's (with run_dir, final/'s)
+        **({"chat_template": data.chat_template or "tokenizer's"} if style.chat_template else {}),
     }
-    report["generation"] = asdict(cfg.generation)
+    report["generation"] = {**asdict(cfg.generation), "stop_token_ids": list(stop_ids)}
     report["throughput"] = throughput
     if auto_batch is not None:
         report["auto_batch"] = auto_batch.to_json()

@@ -236,6 +236,14 @@ def test_packing_check_refuses_a_model_whose_attention_crosses_examples(smoke_as
 
     change = packed_logit_change(IgnoresPositions(model), model.config.vocab_size, "cpu")
     assert change > 100 * TOLERANCE
+    from types import SimpleNamespace
+
+    from clustertune.packing import check_packing_isolates
+
+    on_cpu = SimpleNamespace(unwrap_model=lambda m: m, device="cpu")  # what the check reads
+    assert "stays inside" in check_packing_isolates(model, model.config.vocab_size, on_cpu)
+    with pytest.raises(UserError, match="attention crosses the boundaries of packed examples"):
+        check_packing_isolates(IgnoresPositions(model), model.config.vocab_size, on_cpu)
 
 
 def plan(world_size, rank=0, budget=400, packing=False, global_batch=16, seed=0):

@@ -6,6 +6,10 @@ into place. A kill at any moment leaves the previous checkpoints plus at most a 
 folder, which resume ignores and the next save removes. Old checkpoints are pruned only
 after a new one is complete.
 
+COMPLETE.json records the step, the world size and the ZeRO stage (0: no DeepSpeed). A ZeRO
+checkpoint resumed on another world size is loaded from DeepSpeed's universal form of it, made
+once in step_N/universal/ (reshard.py); DDP and one-process checkpoints load on any world size.
+
 Weights and optimizer state we write ourselves use safetensors / torch.save of plain
 tensors, read back with weights_only=True. DeepSpeed's engine files are DeepSpeed's own
 format (it reads them with torch.load); they are only ever read from our own output_dir.
@@ -17,6 +21,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def universal_info() -> dict[str, Any]:
+    """The client state DeepSpeed's universal-checkpoint converter asks for ("Required
+    universal_checkpoint_info state is missing in checkpoint. Verify that client creates this
+    state."). Without tensor or pipeline parallelism it is only the format version; the
+    parameter patterns it can also hold describe tensor-parallel slices, which we do not have."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {
+        UNIVERSAL_CHECKPOINT_INFO: {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
+    }
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -138,8 +161,9 @@ class Checkpointer:
             tmp.mkdir()
         accel.wait_for_everyone()
         if is_deepspeed:
-            # every rank writes its own ZeRO partition of parameters and optimizer state
-            model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
+            # every rank writes its own ZeRO partition of parameters and optimizer state, and
+            # the client state DeepSpeed's universal converter requires (see reshard.py)
+            model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state=universal_info())
         elif accel.is_main_process:
             unwrapped = accel.unwrap_model(model)
             trainable = {
@@ -157,7 +181,9 @@ class Checkpointer:
         accel.wait_for_everyone()  # every rank has finished writing
         if accel.is_main_process:
             write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-            write_json_atomic(tmp / MARKER, {"step": step, "world_size": accel.num_processes})
+            zero_stage = model.zero_optimization_stage() if is_deepspeed else 0
+            marker = {"step": step, "world_size": accel.num_processes, "zero_stage": zero_stage}
+            write_json_atomic(tmp / MARKER, marker)
             fsync_dir(tmp)
             os.replace(tmp, final)
             fsync_dir(self.root)
@@ -167,20 +193,40 @@ class Checkpointer:
         return final
 
     def load(
-        self, path: Path, *, model: Any, optimizer: Any, scheduler: Any, is_deepspeed: bool
+        self,
+        path: Path,
+        *,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        is_deepspeed: bool,
+        log: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
-        """Restore model, optimizer, schedule and this rank's RNG; return the trainer state."""
+        """Collective. Restore model, optimizer, schedule and this rank's RNG; return the
+        trainer state. A ZeRO checkpoint of another world size (or of the other ZeRO-1/2
+        stage) is loaded from its universal form, converted once (reshard.py); the engine was
+        then built with checkpoint.load_universal (reshard.universal_load_config)."""
         accel = self.accelerator
+        saved_world_size = json.loads((path / MARKER).read_text())["world_size"]
         if is_deepspeed:
+            load_dir = path
+            if model.load_universal_checkpoint():
+                from clustertune.reshard import universal_for_resume
+
+                load_dir = universal_for_resume(path, is_main=accel.is_main_process, log=log)
             load_path, _ = model.load_checkpoint(
-                str(path),
+                str(load_dir),
                 tag=DEEPSPEED_TAG,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
             if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-        else:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {load_dir}")
+            if load_dir != path and model.zero_optimization_stage() == 3:
+                from clustertune.reshard import repair_zero3_universal_load
+
+                repair_zero3_universal_load(model, load_dir)
+        else:  # the whole trainable state in two files: any world size loads them as they are
             unwrapped = accel.unwrap_model(model)
             saved = load_file(str(path / "trainable_parameters.safetensors"))
             result = unwrapped.load_state_dict(saved, strict=False)
@@ -192,7 +238,17 @@ class Checkpointer:
                 torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             )
         restore_schedule_position(scheduler, torch.load(path / "scheduler.pt", weights_only=True))
-        rng_file = path / f"rng_rank{accel.process_index}.pt"
+        # RNG: rank r restores the state rank r saved. On more ranks than the checkpoint had,
+        # rank r takes the state of rank r mod (saved world size): every rank starts from the
+        # same seed (set_seed), so that is a position the run's streams reached, not the seed
+        # again (which would repeat step 1's random numbers). Which examples a rank sees is
+        # the batch plan's (a function of step and world size, not of any RNG), so with
+        # dropout 0 the losses do not depend on this; with dropout > 0 no reshard can repeat
+        # the old masks, since each rank now draws them for other examples.
+        rank = accel.process_index
+        rng_file = path / f"rng_rank{rank}.pt"
+        if not rng_file.is_file():
+            rng_file = path / f"rng_rank{rank % saved_world_size}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return json.loads((path / TRAINER_STATE).read_text())

@@ -27,7 +27,9 @@ import yaml
 
 from clustertune.checkpoint import DEEPSPEED_TAG, MARKER, TRAINER_STATE, latest_checkpoint
 from clustertune.config import FinetuneConfig
+from clustertune.deepspeed_config import zero_stage
 from clustertune.errors import UserError
+from clustertune.reshard import other_strategy_message, resume_plan, saved_layout
 from clustertune.sampler import BATCH_PLAN_VERSION
 
 FINAL_MARKER = "clustertune_final.json"  # in final/: written last, so final/ is complete
@@ -44,6 +46,12 @@ FINGERPRINT_KEYS = (
     "data.train_file",
     "data.dataset",
     "data.train_split",
+    "data.format",
+    "data.messages_column",
+    "data.chat_template",
+    "data.use_chat_template",
+    "data.train_on",
+    "data.max_length",
     "data.source_column",
     "data.target_column",
     "data.prompt_template",
@@ -63,7 +71,12 @@ SCHEDULE_KEYS = ("train.max_steps", "train.num_epochs")
 
 # What evaluation with run_dir takes from a run (the eval key -> the training key), recorded
 # in the final marker: evaluation then prompts as final/ was trained, whatever config.yaml says.
+# data.chat_template is not among them: final/ saves the tokenizer with the template it trained with.
 FINAL_PROMPT_KEYS = {
+    "format": "data.format",
+    "messages_column": "data.messages_column",
+    "use_chat_template": "data.use_chat_template",
+    "max_length": "data.max_length",
     "source_column": "data.source_column",
     "prompt_template": "data.prompt_template",
     "max_source_length": "data.max_source_length",
@@ -225,6 +238,9 @@ def check_checkpoint_folder(path: Path, *, is_deepspeed: bool) -> None:
     if made_by_deepspeed != is_deepspeed and (
         made_by_deepspeed or (path / "trainable_parameters.safetensors").is_file()
     ):
+        if (path / MARKER).is_file():  # says which launch files (any world size) can resume it
+            now = "DeepSpeed (ZeRO)" if is_deepspeed else "a launch without DeepSpeed"
+            raise UserError(other_strategy_message(path, saved_layout(path), now))
         made_with = (
             "a DeepSpeed (ZeRO) launch" if made_by_deepspeed else "a launch without DeepSpeed"
         )
@@ -240,11 +256,13 @@ def check_checkpoint_folder(path: Path, *, is_deepspeed: bool) -> None:
 
 
 def check_resumable(
-    path: Path, cfg: FinetuneConfig, *, total_steps: int, world_size: int, is_deepspeed: bool
+    path: Path, cfg: FinetuneConfig, *, total_steps: int, world_size: int, ds_config: dict | None
 ) -> str | None:
-    """Refuse a checkpoint made with other settings before any weights are loaded; with
-    allow_config_change=true return the log line that says what changed."""
-    check_checkpoint_folder(path, is_deepspeed=is_deepspeed)
+    """Refuse a checkpoint made with other settings, or by a strategy this launch cannot
+    continue, before any weights are loaded; return the log lines that say what changed
+    (allow_config_change=true) and how it resumes on another world size (reshard.resume_plan).
+    `ds_config` is the launch's DeepSpeed JSON (None without DeepSpeed)."""
+    check_checkpoint_folder(path, is_deepspeed=ds_config is not None)
     state = json.loads((path / TRAINER_STATE).read_text())
     changes = changed_settings(state, cfg, total_steps)
     _refuse_other_parameters(path, changes, what=f"the checkpoint in {path}")
@@ -254,18 +272,17 @@ def check_resumable(
             f"({describe_changes(changes)}); use a new output_dir, or allow_config_change=true "
             "to resume with the new settings."
         )
-    if is_deepspeed and state["world_size"] != world_size:
-        raise UserError(
-            f"the checkpoint in {path} holds ZeRO partitions for {state['world_size']} ranks, "
-            f"this launch has {world_size}; resume with {state['world_size']} processes or "
-            "start a new output_dir."
+    # Another world size: DDP / one-process checkpoints load as they are, ZeRO ones through
+    # DeepSpeed's universal checkpoint (reshard.py); another strategy is refused here.
+    reshard_note = resume_plan(path, world_size=world_size, zero_stage=zero_stage(ds_config))
+    notes = [reshard_note] if reshard_note else []
+    if changes:
+        notes.insert(
+            0,
+            f"allow_config_change=true: resuming {path} with changed settings "
+            f"({describe_changes(changes)}).",
         )
-    if not changes:
-        return None
-    return (
-        f"allow_config_change=true: resuming {path} with changed settings "
-        f"({describe_changes(changes)})."
-    )
+    return "\n".join(notes) or None
 
 
 def training_run_evidence(folder: Path) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,11 @@ from clustertune.config import FinetuneConfig, flat_config
 from clustertune.deepspeed_config import check_optimizer_and_scheduler
 from clustertune.distributed import DDPStepper, DeepSpeedStepper, launched_world_size
 from clustertune.errors import UserError
-from clustertune.metrics import MetricsLog, peak_memory_gib, plot_training
+from clustertune.metrics import MetricsLog, ThroughputWindow, peak_memory_gib, plot_training
 from clustertune.modeling import build_model, count_parameters, load_tokenizer
 from clustertune.optim import prepare_optimization, schedule_change_note, token_loss_sum
-from clustertune.probes import find_micro_batch
+from clustertune.packing import check_packing_isolates
+from clustertune.reshard import reshard_note, universal_load_config
 from clustertune.run_identity import (
     FINAL_MARKER,
     check_checkpoint_folder,
@@ -48,29 +48,15 @@ from clustertune.runtime import Runtime, strategy_label
 from clustertune.sampler import (
     GlobalBatchPlan,
     check_batch_arithmetic,
-    derive_grad_accum_steps,
-    eval_micro_batches,
 )
 from clustertune.stop import StopFlag, StopForRequeue
-from clustertune.training_data import TrainData, load_training_data
-
-
-@dataclass
-class ThroughputWindow:
-    """Real (non-pad) tokens, padded slots and samples since the last metrics record."""
-
-    tokens: float = 0.0
-    slots: float = 0.0
-    samples: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def rates(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        return {
-            "tokens_per_second": self.tokens / elapsed,
-            "samples_per_second": self.samples / elapsed,
-            "padding_efficiency": self.tokens / max(1.0, self.slots),
-        }
+from clustertune.training_data import (
+    TrainData,
+    check_data_for_model,
+    eval_batches,
+    load_training_data,
+    resolve_batching,
+)
 
 
 class Trainer:
@@ -83,8 +69,11 @@ class Trainer:
     data: TrainData
     total_steps: int  # train.max_steps, or num_epochs x steps per epoch
     auto_batch: SearchResult | None  # the search trace when train.micro_batch_size is auto
-    micro_batch_size: int
-    grad_accum_steps: int  # global_batch_size / (micro_batch_size x world_size)
+    micro_batch_size: int  # examples per micro-batch (1, nominal, with a token budget)
+    micro_batch_tokens: int  # token budget per micro-batch; 0: micro_batch_size examples
+    # global_batch_size / (micro_batch_size x world_size); with a token budget, the most
+    # micro-steps per rank of any step (DeepSpeed divides each loss by it; stepper undoes it)
+    grad_accum_steps: int
     ds_config: dict | None  # the DeepSpeed JSON with every "auto" filled; None without ZeRO
     accelerator: Any
     checkpointer: Checkpointer
@@ -135,40 +124,29 @@ class Trainer:
                 cfg,
                 total_steps=self.total_steps,
                 world_size=runtime.world_size,
-                is_deepspeed=runtime.is_deepspeed,
+                ds_config=runtime.deepspeed_template,
             )
             notes += [resume_note] if resume_note else []
-        self.auto_batch = None
-        if cfg.train.micro_batch_size == "auto":
-            self.auto_batch = find_micro_batch(
-                cfg, runtime, self.tokenizer, self.data.collator, self.data.train
-            )
-        self.micro_batch_size = (
-            self.auto_batch.chosen if self.auto_batch else cfg.train.micro_batch_size
-        )
-        self.grad_accum_steps = derive_grad_accum_steps(
-            cfg.train.global_batch_size, self.micro_batch_size, runtime.world_size
-        )
+        batching = resolve_batching(cfg, runtime, self.tokenizer, self.data, self.total_steps)
+        self.auto_batch, self.plan = batching.auto_batch, batching.plan
+        self.micro_batch_size, self.micro_batch_tokens = batching.micro_batch_size, batching.tokens
+        self.grad_accum_steps = batching.grad_accum_steps
+        # With a token budget DeepSpeed's batch fields are nominal (1 x most micro-steps x
+        # world): its engine only asserts their product and divides each loss by the middle one.
         self.ds_config = runtime.deepspeed_config(
             micro_batch_size=self.micro_batch_size,
             grad_accum_steps=self.grad_accum_steps,
             max_grad_norm=cfg.train.max_grad_norm,
         )
+        # another world size: the engine loads a universal checkpoint (read when it is built)
+        self.ds_config = universal_load_config(self.ds_config, resume_from, runtime.world_size)
         self.accelerator = runtime.make_accelerator(self.ds_config, report_to=cfg.train.report_to)
         self.checkpointer = Checkpointer(
             self.output_dir, self.accelerator, cfg.checkpoint.keep_last
         )
-        self.plan = GlobalBatchPlan(
-            source_lengths=np.asarray(self.data.train["num_source_tokens"]),
-            target_lengths=np.asarray(self.data.train["num_target_tokens"]),
-            global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=self.micro_batch_size,
-            world_size=runtime.world_size,
-            rank=runtime.process_index,
-            seed=cfg.seed,
-            length_group_size=cfg.data.length_group_size,
-        )
         self._setup_model()
+        if cfg.data.packing:
+            runtime.log(check_packing_isolates(self.model, len(self.tokenizer), self.accelerator))
         for note in notes:
             runtime.log(note)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=runtime.is_main)
@@ -196,9 +174,10 @@ class Trainer:
         cfg = self.cfg
         cfg.train.check_trackers_installed()  # here, not in validate(): evaluation reads
         # a run's config.yaml on machines that need not have its trackers
-        check_batch_arithmetic(
-            cfg.train.global_batch_size, cfg.train.micro_batch_size, launched_world_size()
-        )
+        if not cfg.train.micro_batch_tokens:  # a token budget deals examples unevenly
+            check_batch_arithmetic(
+                cfg.train.global_batch_size, cfg.train.micro_batch_size, launched_world_size()
+            )
         if (
             cfg.resume not in ("auto", "never")
             and not (Path(cfg.resume) / "COMPLETE.json").is_file()
@@ -216,6 +195,7 @@ class Trainer:
             requested_dtype=cfg.model.dtype,
             output_dir=self.output_dir,
         )
+        check_data_for_model(cfg.data, runtime.kind)
         # a DeepSpeed optimizer/scheduler block that contradicts train.* (the total-steps part
         # waits for the run length, in _setup_model)
         check_optimizer_and_scheduler(runtime.deepspeed_template, cfg.train)
@@ -232,7 +212,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg, runtime, accel = self.cfg, self.runtime, self.accelerator
-        model = build_model(cfg.model, cfg.peft, runtime.model_config)
+        model = build_model(cfg.model, cfg.peft, runtime.model_config, len(self.tokenizer))
         trainable, total = count_parameters(model)
         runtime.log(
             f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
@@ -261,12 +241,14 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             is_deepspeed=self.runtime.is_deepspeed,
+            log=self.runtime.log,
         )
         self.start_step = state["step"]
         self.metrics.truncate_after(self.start_step)
         self.runtime.log(
             f"resumed from {path} at step {self.start_step} of {self.total_steps} "
-            f"(loaded in {time.perf_counter() - start:.2f} s)"
+            f"({reshard_note(state['world_size'], self.runtime.world_size)}loaded in "
+            f"{time.perf_counter() - start:.2f} s)"
         )
         if state.get("total_steps", self.total_steps) != self.total_steps:
             self.runtime.log(
@@ -287,16 +269,6 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ train
-    def _collate_to_device(self, indices: np.ndarray, rows_source: Any) -> dict[str, Any]:
-        """Rows `indices` of a tokenised split -> a padded batch on this rank's device."""
-        rows = rows_source[[int(i) for i in indices]]
-        examples = [
-            {"input_ids": input_ids, "labels": labels}
-            for input_ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
-        ]
-        batch = self.data.collator(examples)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
-
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Exact mean token loss over the eval set. Every rank runs the same number of
@@ -306,18 +278,16 @@ class Trainer:
             return None
         accel = self.accelerator
         self.model.eval()
-        lengths = np.asarray(eval_data["num_source_tokens"]) + np.asarray(
-            eval_data["num_target_tokens"]
-        )
+        targets = np.asarray(eval_data["num_target_tokens"])
         totals = torch.zeros(2, device=accel.device, dtype=torch.float64)
-        for indices, is_padding in eval_micro_batches(
-            lengths, self.micro_batch_size, self.runtime.world_size, accel.process_index
+        for indices, is_padding in eval_batches(
+            self.cfg, eval_data, self.runtime, self.micro_batch_size, self.micro_batch_tokens
         ):
-            batch = self._collate_to_device(indices, eval_data)
+            batch = self.data.collate(indices, eval_data, self.accelerator.device)
             loss_sum = token_loss_sum(self.model, batch, self.runtime.kind)
             if not is_padding:
                 totals[0] += loss_sum.double()
-                totals[1] += (batch["labels"] != data_lib.IGNORE_INDEX).sum()
+                totals[1] += int(targets[indices].sum())  # the tokens the loss sums over
         totals = accel.reduce(totals, reduction="sum")
         self.model.train()
         return float(totals[0] / totals[1])
@@ -350,13 +320,16 @@ class Trainer:
             scale = self.loss_multiplier / self.plan.target_tokens(global_batch)
             loss_sum_local = torch.zeros((), device=accel.device, dtype=torch.float64)
             real = slots = 0
-            micro_batches = self.plan.micro_batches(global_batch)
-            for micro_index, indices in enumerate(micro_batches):
-                batch = self._collate_to_device(indices, self.data.train)
+            micro_batches = self.plan.rank_micro_batches(global_batch)
+            for micro_index, (indices, is_padding) in enumerate(micro_batches):
+                batch = self.data.collate(indices, self.data.train, accel.device)
                 is_last = micro_index == len(micro_batches) - 1
                 with self.stepper.micro_step(is_last):
                     loss_sum = token_loss_sum(self.model, batch, runtime.kind)
-                    self.stepper.backward(loss_sum * scale, is_last)
+                    # a padding micro-batch (equal micro-steps on every rank) weighs nothing
+                    self.stepper.backward(loss_sum * (0.0 if is_padding else scale), is_last)
+                if is_padding:
+                    continue
                 loss_sum_local += loss_sum.detach().double()
                 batch_real, batch_slots = data_lib.batch_token_stats(batch)
                 real, slots = real + batch_real, slots + batch_slots

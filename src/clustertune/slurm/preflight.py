@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from clustertune.checkpoint import latest_checkpoint
 from clustertune.config import FinetuneConfig, load_yaml_mapping, parse_config
+from clustertune.deepspeed_config import load_deepspeed_json, zero_stage
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.config import _check_values as check_resolved_values
+from clustertune.reshard import resume_plan
 from clustertune.run_identity import FINAL_PROMPT_KEYS
 from clustertune.sampler import check_batch_arithmetic
 from clustertune.slurm.env import PORT_MAX, PORT_MIN, NodeLaunch
@@ -192,6 +195,24 @@ def _partitions(warnings: list[str]) -> list[str] | None:
     return [name.rstrip("*") for name in shown.stdout.split()]
 
 
+def _resume_note(
+    cfg: FinetuneConfig, output_dir: Path, launch: dict[str, Any], workdir: Path, world: int
+) -> str | None:
+    """The checkpoint the job will resume and whether it reshards it; a UserError for one this
+    launch file cannot continue (the job's own check, reshard.resume_plan)."""
+    if cfg.resume == "never":
+        return None
+    checkpoint = (
+        latest_checkpoint(output_dir) if cfg.resume == "auto" else (workdir / cfg.resume).resolve()
+    )
+    if checkpoint is None or not (checkpoint / "COMPLETE.json").is_file():
+        return None
+    ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    stage = zero_stage(load_deepspeed_json(str(workdir / ds_file))) if ds_file else 0
+    note = resume_plan(checkpoint, world_size=world, zero_stage=stage)
+    return note or f"continues {checkpoint} (saved on {world} rank(s), as this job)"
+
+
 @dataclass
 class SubmissionPlan:
     """What will be submitted: checked settings, the jobs' callables and the run's output_dir."""
@@ -202,6 +223,8 @@ class SubmissionPlan:
     evaluate: LaunchJob | None
     output_dir: Path | None
     warnings: list[str]
+    # How the job continues the run's checkpoint on this world size (reshard.resume_plan)
+    resume_note: str | None = None
 
 
 def preflight(
@@ -241,7 +264,7 @@ def preflight(
             "launch/zero*.yaml, or --nodes 1 --processes-per-node 1."
         )
 
-    output_dir = None
+    output_dir = resume_note = None
     if Path(script).name == "finetune.py":
         with _working_directory(workdir):  # the recipe's relative paths, as the job sees them
             cfg = parse_config(FinetuneConfig, list(recipe_argv[1:]))
@@ -255,6 +278,10 @@ def preflight(
         job_env = {**os.environ, **settings.env}
         _check_model_and_data(cfg, workdir, job_env)
         output_dir = (workdir / cfg.output_dir).resolve()
+        try:
+            resume_note = _resume_note(cfg, output_dir, launch, workdir, world)
+        except UserError as refused:  # the job refuses it at start; said here, not decided
+            warnings.append(f"the job will stop before training: {refused}")
     folder = (workdir / settings.folder).resolve()
     for what, path in (("output_dir", output_dir), ("folder", folder)):
         if path is not None and _node_local(path):
@@ -313,6 +340,7 @@ def preflight(
         evaluate=evaluate,
         output_dir=output_dir,
         warnings=warnings,
+        resume_note=resume_note,
     )
 
 
@@ -341,6 +369,8 @@ def describe_plan(plan: SubmissionPlan) -> str:
     ]
     if plan.output_dir:
         lines.append(f"output_dir: {plan.output_dir}")
+    if plan.resume_note:
+        lines.append(f"resume: {plan.resume_note}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -72,11 +74,110 @@ def load_tokenizer(kind: str, texts: Iterable[str]) -> tuple[Any, str]:
     )
 
 
+def load_pairs(source: str) -> tuple[list[dict[str, str]], str]:
+    """(dialogue, summary) rows and a sentence saying where they came from."""
+    from clustertune.atomicio import read_jsonl
+    from clustertune.smoke import ensure_smoke_assets
+
+    dev, test = DIALOGSUM / "dialogsum.dev.jsonl", DIALOGSUM / "dialogsum.test.jsonl"
+    if source in ("auto", "dialogsum") and dev.is_file() and test.is_file():
+        rows = [{"dialogue": r["dialogue"], "summary": r["summary"]} for r in read_jsonl(dev)]
+        # The official test split has three references; summary1 is the training target here.
+        rows += [{"dialogue": r["dialogue"], "summary": r["summary1"]} for r in read_jsonl(test)]
+        return (
+            rows,
+            f"DialogSum dev+test ({len(rows)} dialogues, test target = summary1) from {DIALOGSUM}",
+        )
+    if source == "dialogsum":
+        sys.exit(f"--data dialogsum: {dev} and {test} are missing; use --data auto or smoke.")
+    train = ensure_smoke_assets(cache_dir())["train"]
+    rows = [{"dialogue": r["dialogue"], "summary": r["summary"]} for r in read_jsonl(train)]
+    why = "DialogSum not found" if source == "auto" else "--data smoke"
+    return rows, f"generated smoke data ({len(rows)} dialogues) from {train} ({why})"
+
+
+class VocabularyOf:
+    """What flan_style_t5 reads of a tokenizer (its length, pad and eos ids), with the
+    vocabulary a shape sets: flan-t5-base's 32,128 rows, whatever the tokenizer's size, so
+    the embedding and LM head cost what they cost in FLAN-T5."""
+
+    def __init__(self, tokenizer: Any, size: int) -> None:
+        self.pad_token_id, self.eos_token_id, self.size = (
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id,
+            max(size, len(tokenizer)),
+        )
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def build_t5(shape: str, tokenizer: Any, seed: int) -> Any:
     """A randomly initialised T5 of `shape`; the same `seed` gives the same weights."""
     from clustertune.smoke.assets import flan_style_t5
 
-    return flan_style_t5(tokenizer, SHAPES[shape], seed)
+    dims = dict(SHAPES[shape])
+    if "vocab_size" in dims:
+        tokenizer = VocabularyOf(tokenizer, dims.pop("vocab_size"))
+    return flan_style_t5(tokenizer, dims, seed)
+
+
+def save_t5_folder(shape: str, tokenizer: Any, seed: int, path: Path) -> Any:
+    """A random T5 of `shape` and its tokenizer saved where model.name_or_path can load them
+    (config.json says the head is untied, as clustertune.smoke.build_tiny_t5 writes it)."""
+    model = build_t5(shape, tokenizer, seed)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+# Llama shapes (random weights) for the decoder-only benchmarks; the tokenizer's vocabulary
+# unless a shape sets its own.
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    # the smoke tiny-causal's dimensions
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    # 8.4 M parameters with a 4,000-token vocabulary: about the T5 `cpu` shape's size
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4),
+    # ~0.5 B: Qwen2.5-0.5B's dimensions in a Llama (vocabulary 151,936, head tied to the
+    # embeddings: 136 M + 24 layers x 14.9 M = 494 M)
+    "0.5b": dict(
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+}
+
+
+def save_llama_folder(
+    shape: str, tokenizer: Any, seed: int, path: Path, device: str = "cpu"
+) -> Any:
+    """A random Llama of `shape` with `tokenizer`'s vocabulary made causal and ChatML (as
+    clustertune.smoke builds its tiny-causal), saved where model.name_or_path can load it."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from clustertune.smoke import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tokenizer, path, seed)  # the causal tokenizer, a config to resize
+    config = AutoConfig.from_pretrained(path)
+    dims = {
+        "num_key_value_heads": LLAMA_SHAPES[shape]["num_attention_heads"],
+        **LLAMA_SHAPES[shape],
+    }
+    for key, value in dims.items():
+        setattr(config, key, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    for old in Path(path).glob("model*.safetensors*"):  # the tiny weights (a big model shards)
+        old.unlink()
+    model.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path), model
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -190,3 +291,31 @@ def publish(
     if plot_path:
         plot(results, plot_path)
         print(f"chart written to {plot_path}")
+
+
+# Peak resident memory of this process (CPU runs), per measured phase.
+def rss_peak_reset() -> None:
+    """Release freed heap to the OS, then restart the kernel's peak-RSS counter (VmHWM)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def rss_now() -> int:
+    return _proc_status_bytes("VmRSS")
+
+
+def rss_peak() -> int:
+    return _proc_status_bytes("VmHWM")

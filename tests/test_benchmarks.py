@@ -4,6 +4,7 @@ tests share the cores with others); only that the keys exist and the numbers are
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -68,3 +69,68 @@ def test_eval_throughput_quick(tmp_path, smoke_assets):
         results["variants"]["loop"]["prompt_padding_efficiency"] == 1.0
     )  # one prompt per call: no padding
     assert results["run"]["examples"] > 0 and results["run"]["data_source"]
+
+
+def test_peers_quick(tmp_path, smoke_assets):
+    """Seq2SeqTrainer and clustertune side by side on the same examples and initial weights."""
+    out = tmp_path / "peers.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--quick", "--data", "smoke"]
+    result = run(
+        [*command, "--json", str(out), "--work-dir", str(tmp_path)],
+        env=recipe_env(CLUSTERTUNE_CACHE=str(smoke_assets["tiny_t5"].parents[1])),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    seq2seq = results["workloads"]["seq2seq"]
+    systems = seq2seq["systems"]
+    assert {"seq2seq_trainer", "clustertune"} <= set(systems), seq2seq.get("notes")
+    assert positive(seq2seq["ratio_vs_seq2seq_trainer"])
+    for name, system in systems.items():
+        for key in ("tokens_per_second", "seconds_per_epoch", "peak_rss_gib"):
+            assert positive(system[key]), (name, key)
+        assert 0 < system["padding_efficiency"] <= 1, name
+        assert system["same_real_tokens"], name  # one epoch over the same examples
+        assert system["optimizer_steps"] == seq2seq["about"]["steps"], name
+        assert math.isfinite(system["final_loss_fixed_examples"]), name
+    # every system starts from the same saved weights
+    initial = {round(s["initial_loss_fixed_examples"], 4) for s in systems.values()}
+    assert len(initial) == 1, initial
+    causal = results["workloads"]["causal"]
+    if importlib.util.find_spec("trl") is None:  # the bench extra (make test installs it)
+        assert "skipped" in causal
+    else:
+        assert {"trl_sft_trainer", "clustertune_packed", "clustertune_padded"} <= set(
+            causal["systems"]
+        ), causal.get("notes")
+        assert positive(causal["ratio_vs_trl_sft_trainer"])
+        assert causal["systems"]["clustertune_packed"]["padding_efficiency"] == 1.0
+    assert len(results["run"]["load_before"]) == 3
+
+
+def test_gpu_check_cpu_dry(tmp_path, smoke_assets):
+    """The GPU check's steps end to end on CPU with tiny shapes, so the command is known to
+    work before a GPU is lent."""
+    result = run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-dry"]
+        + ["--out", str(tmp_path), "--work", str(tmp_path / "work")],
+        env=recipe_env(
+            PYTHON=sys.executable, CLUSTERTUNE_CACHE=str(smoke_assets["tiny_t5"].parents[1])
+        ),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = results["steps"]
+    for name in ("t5_full_single", "t5_lora_single", "t5_full_zero2", "t5_lora_zero2"):
+        step = steps[name]
+        assert step["status"] == "ok", (name, step)
+        assert step["auto_batch"]["chosen"] >= 1 and positive(step["tokens_per_second"]), name
+        assert positive(step["model_tflops_per_second"]) and "mfu" not in step  # no peak on CPU
+    assert steps["eval_generation"]["status"] == "ok" and positive(
+        steps["eval_generation"]["ratio_vs_loop"]
+    )
+    assert steps["make_smoke"]["status"] == "ok" and "zero2.yaml" in steps["make_smoke"]["launch"]
+    for name in ("causal_tiny_packed", "causal_tiny_padded", "causal_05b_packed"):
+        assert steps[name]["status"].startswith(("ok", "skipped")), (name, steps[name])
+    assert "| step | status |" in (tmp_path / "gpu_check.md").read_text()

@@ -200,7 +200,7 @@ def test_seq2seq_refuses_chat_and_packing():
     from clustertune.training_data import check_data_for_model
 
     for data in (dict(format="chat"), dict(packing=True), dict(use_chat_template=True)):
-        with pytest.raises(UserError, match="need a decoder-only model"):
+        with pytest.raises(UserError, match="a decoder-only model, and this one is seq2seq"):
             check_data_for_model(DataConfig(**data), "seq2seq")
     check_data_for_model(DataConfig(packing=True, format="chat"), "causal")
 

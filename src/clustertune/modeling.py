@@ -145,6 +145,21 @@ def zero3_init_disabled() -> Iterator[None]:
             hf_deepspeed.set_hf_deepspeed_config(live)
 
 
+def check_attention_kernel(kernel: str) -> None:
+    """model.attn_implementation=flash_attention_*: the package and a GPU, before any compute
+    (transformers says so only while loading the weights)."""
+    if not kernel.startswith("flash_attention"):
+        return
+    import importlib.util
+
+    package = "flash_attn_interface" if kernel.endswith("_3") else "flash_attn"
+    if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
+        raise UserError(
+            f"model.attn_implementation={kernel} needs a CUDA GPU and the {package} package "
+            "(pip install flash-attn --no-build-isolation); leave it empty for sdpa."
+        )
+
+
 def model_kind(model_config: Any) -> str:
     return "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "causal"
 
@@ -193,8 +208,12 @@ def build_model(
     )
     try:
         with loading:
+            kernel = getattr(cfg, "attn_implementation", "")  # evaluation's config has none
             model = auto_class.from_pretrained(
-                cfg.name_or_path, config=model_config, dtype=torch.float32
+                cfg.name_or_path,
+                config=model_config,
+                dtype=torch.float32,
+                **({"attn_implementation": kernel} if kernel else {}),
             )
     except Exception as error:
         raise _explain_load_error(cfg.name_or_path, error) from None

@@ -30,7 +30,14 @@ from clustertune.deepspeed_config import check_optimizer_and_scheduler
 from clustertune.distributed import DDPStepper, DeepSpeedStepper, launched_world_size
 from clustertune.errors import UserError
 from clustertune.metrics import MetricsLog, ThroughputWindow, peak_memory_gib, plot_training
-from clustertune.modeling import build_model, count_parameters, load_tokenizer
+from clustertune.modeling import (
+    build_model,
+    check_attention_kernel,
+    count_parameters,
+    load_model_config,
+    load_tokenizer,
+    model_kind,
+)
 from clustertune.optim import prepare_optimization, schedule_change_note, token_loss_sum
 from clustertune.packing import check_packing_isolates
 from clustertune.reshard import reshard_note, universal_load_config
@@ -172,6 +179,7 @@ class Trainer:
         """Every user mistake we can see without a process group is raised here (the values
         of each config section are already checked by the config dataclasses)."""
         cfg = self.cfg
+        check_attention_kernel(cfg.model.attn_implementation)
         cfg.train.check_trackers_installed()  # here, not in validate(): evaluation reads
         # a run's config.yaml on machines that need not have its trackers
         if not cfg.train.micro_batch_tokens:  # a token budget deals examples unevenly
@@ -190,12 +198,13 @@ class Trainer:
             raise UserError(
                 "no training data: set data.train_file (a file or hub id) or data.dataset."
             )
+        # before Runtime.resolve, which creates output_dir: a refusal leaves nothing behind
+        check_data_for_model(cfg.data, model_kind(load_model_config(cfg.model.name_or_path)))
         runtime = Runtime.resolve(
             model_name=cfg.model.name_or_path,
             requested_dtype=cfg.model.dtype,
             output_dir=self.output_dir,
         )
-        check_data_for_model(cfg.data, runtime.kind)
         # a DeepSpeed optimizer/scheduler block that contradicts train.* (the total-steps part
         # waits for the run length, in _setup_model)
         check_optimizer_and_scheduler(runtime.deepspeed_template, cfg.train)

@@ -38,13 +38,13 @@ def check_data_for_model(data_cfg: DataConfig, kind: str) -> None:
     if kind == "causal":
         return
     for key, value, why in (
-        ("data.format", data_cfg.format == "chat", "chat conversations"),
-        ("data.use_chat_template", data_cfg.use_chat_template is True, "chat templates"),
-        ("data.packing", data_cfg.packing, "packing"),
+        ("data.format", data_cfg.format == "chat", "chat conversations need"),
+        ("data.use_chat_template", data_cfg.use_chat_template is True, "chat templates need"),
+        ("data.packing", data_cfg.packing, "packing needs"),
     ):
         if value:
             raise UserError(
-                f"{key}: {why} need a decoder-only model, and this one is seq2seq (its encoder "
+                f"{key}: {why} a decoder-only model, and this one is seq2seq (its encoder "
                 "and decoder read separate sequences; it trains length-grouped and padded); "
                 f"remove {key}, or fine-tune a causal model."
             )

@@ -36,6 +36,10 @@ class ModelConfig(Validated):
     dtype: Precision = "auto"
     # Recompute activations in backward: ~30% slower, activation memory O(layers) -> O(1).
     gradient_checkpointing: bool = False
+    # transformers' attention kernel: empty for its default (sdpa), or eager, sdpa,
+    # flash_attention_2 (GPU, the flash-attn package): with data.packing, flash-attention's
+    # varlen kernels cost sum(L^2) per packed row where sdpa's block mask costs (sum L)^2.
+    attn_implementation: str = ""
 
     def validate(self) -> None:
         if self.dropout is not None:

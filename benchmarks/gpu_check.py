@@ -260,6 +260,12 @@ def make_smoke(check: Check) -> None:
         record["launch"] = record["launch"].strip(" \\")
 
 
+def flash_available(check: Any) -> bool:
+    import importlib.util
+
+    return check.on_gpu and importlib.util.find_spec("flash_attn") is not None
+
+
 def causal_commands(check: Check) -> dict[str, list[str]]:
     """The causal steps' command lines: packed vs padded tiny-Llama chat SFT (full fine-tune)
     and the ~0.5 B Llama shape packed (LoRA off, bf16, micro-batch auto)."""
@@ -294,6 +300,8 @@ def causal_commands(check: Check) -> dict[str, list[str]]:
             "--data.packing=true",
             "--train.micro_batch_size=auto",
             f"--train.global_batch_size={64 if check.on_gpu else 8}",
+            # varlen kernels where installed: packed attention costs sum(L^2), not (sum L)^2
+            *(["--model.attn_implementation=flash_attention_2"] if flash_available(check) else []),
         ],
     )
     return commands

@@ -215,3 +215,16 @@ def check_template_available(
             f"data.format=chat: the tokenizer of '{model_name}' has no chat template; set "
             f"{key}=chatml (built in) or {key}=<file.jinja>."
         )
+
+
+def uses_chat_template(
+    tokenizer: Any, data_format: str, use_chat_template: bool | None, model_name: str
+) -> bool:
+    """Whether rows are rendered with the chat template, for training and evaluation alike:
+    conversations always; text rows when data.use_chat_template says so (null: when the
+    tokenizer has one). A template that is asked for and missing is refused."""
+    if data_format == "chat" or use_chat_template:
+        check_template_available(tokenizer, model_name)
+    if data_format == "chat":
+        return True
+    return has_chat_template(tokenizer) if use_chat_template is None else use_chat_template

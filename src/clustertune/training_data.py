@@ -65,13 +65,10 @@ def tokenize_spec(
                 "embeddings untrained: use peft.method=none, or a model whose tokenizer has a "
                 "chat template (or these tokens)."
             )
-        if data_cfg.format == "chat" or data_cfg.use_chat_template:
-            chat.check_template_available(tokenizer, model_name)
-        use_template = data_cfg.format == "text" and (
-            chat.has_chat_template(tokenizer)
-            if data_cfg.use_chat_template is None
-            else data_cfg.use_chat_template
+        renders = chat.uses_chat_template(
+            tokenizer, data_cfg.format, data_cfg.use_chat_template, model_name
         )
+        use_template = data_cfg.format == "text" and renders  # the text rows' path
     return data_lib.TokenizeSpec(
         kind,
         data_cfg.prompt_template,

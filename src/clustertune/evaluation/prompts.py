@@ -70,12 +70,8 @@ def prompt_style(
             "embeddings for them; evaluate the run trained with this template (run_dir: final/ "
             "saves its tokenizer), or use a template made of tokens the tokenizer has."
         )
-    if data_format == "chat" or data_cfg.use_chat_template:
-        chat.check_template_available(tokenizer, model_name)
-    use_template = data_format == "chat" or (
-        chat.has_chat_template(tokenizer)
-        if data_cfg.use_chat_template is None
-        else data_cfg.use_chat_template
+    use_template = chat.uses_chat_template(
+        tokenizer, data_format, data_cfg.use_chat_template, model_name
     )
     return PromptStyle(data_format, use_template)
 

@@ -82,6 +82,7 @@ def trained_state_dict(checkpoint: Path) -> dict[str, Any]:
 
 def consolidate(checkpoint: Path, dest: Path) -> str:
     """The checkpoint's model as save_pretrained writes it, in fp32, written atomically."""
+    from clustertune.chat import resolve_chat_template
     from clustertune.config import ModelConfig, PeftConfig
     from clustertune.export import replace_folder, save_pretrained_verified
     from clustertune.modeling import build_model, load_model_config, load_tokenizer
@@ -99,7 +100,13 @@ def consolidate(checkpoint: Path, dest: Path) -> str:
         alpha=identity["peft.alpha"],
         target_modules=list(identity["peft.target_modules"]),
     )
-    model = build_model(ModelConfig(name_or_path=name), peft, load_model_config(name))
+    # the tokenizer the run trained with: its data.chat_template (which may have added tokens,
+    # so the embeddings are sized to it) saved beside the weights, as final/ has it
+    tokenizer = load_tokenizer(name)
+    resolve_chat_template(tokenizer, identity.get("data.chat_template") or "")
+    model = build_model(
+        ModelConfig(name_or_path=name), peft, load_model_config(name), len(tokenizer)
+    )
     trained = trained_state_dict(checkpoint)
     result = model.load_state_dict(trained, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -113,7 +120,7 @@ def consolidate(checkpoint: Path, dest: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_pretrained_verified(model, model.state_dict(), tmp)
-    load_tokenizer(name).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     write_json_atomic(
         tmp / CONSOLIDATED_MARKER,
         {"source": str(checkpoint), "step": state["step"], "base_model": name, **identity},

@@ -122,3 +122,19 @@ def wait_for_step(
 
 def describe(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+
+
+# Conversations no recipe can use: (case, messages, what the error says). Training and
+# evaluation refuse (or skip) each the same way.
+BAD_CONVERSATIONS = [
+    ("not a list", "hello", "is str, not a list"),
+    ("no role", [{"content": "hi"}, {"role": "assistant", "content": "x"}], "has no 'role'"),
+    ("no content", [{"role": "user"}, {"role": "assistant", "content": "x"}], "no text 'content'"),
+    ("unknown role", [{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
+    ("no assistant", [{"role": "user", "content": "hi"}], "no assistant turn"),
+    (
+        "empty reply",
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}],
+        "empty assistant reply",
+    ),
+]

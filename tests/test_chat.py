@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import BAD_CONVERSATIONS
 
 from clustertune import chat
 from clustertune.config import DataConfig
@@ -124,18 +125,7 @@ def test_end_of_turn_and_prompt(tokenizer):
     assert prompt.endswith("<|im_start|>assistant\n") and "Next to it" not in prompt
 
 
-BAD_ROWS = [
-    ("not a list", "hello", "is str, not a list"),
-    ("no role", [{"content": "hi"}, {"role": "assistant", "content": "x"}], "has no 'role'"),
-    ("no content", [{"role": "user"}, {"role": "assistant", "content": "x"}], "no text 'content'"),
-    ("unknown role", [{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
-    ("no assistant", [{"role": "user", "content": "hi"}], "no assistant turn"),
-    (
-        "empty reply",
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}],
-        "empty assistant reply",
-    ),
-]
+BAD_ROWS = BAD_CONVERSATIONS
 
 
 def write_chat(path, rows):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, describe, launch_command, run
+from helpers import BAD_CONVERSATIONS, REPO, describe, launch_command, run
 
 from clustertune import chat
 from clustertune.config import DataConfig, FinetuneConfig, parse_config, write_resolved_config
@@ -106,17 +106,7 @@ def test_chat_reference_columns_replace_the_last_turn(tmp_path, tokenizer):
         )
 
 
-BAD_ROWS = [
-    ("no role", [{"content": "hi"}, {"role": "assistant", "content": "x"}], "has no 'role'"),
-    ("no content", [{"role": "user"}, {"role": "assistant", "content": "x"}], "no text 'content'"),
-    ("unknown role", [{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
-    ("no assistant", [{"role": "user", "content": "hi"}], "no assistant turn"),
-    (
-        "empty reply",
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}],
-        "empty assistant reply",
-    ),
-]
+BAD_ROWS = [row for row in BAD_CONVERSATIONS if row[0] != "not a list"]
 
 
 @pytest.mark.parametrize(("name", "messages", "message"), BAD_ROWS, ids=[b[0] for b in BAD_ROWS])

@@ -34,6 +34,15 @@ def tokenizer(smoke_assets):
     return AutoTokenizer.from_pretrained(smoke_assets["tiny_causal"])
 
 
+def encode(tokenizer, messages, *, train_on="assistant", max_length=1024, tools=None):
+    """The training encoding of one conversation with the tokenizer's template."""
+    template = chat.training_template(tokenizer)
+    conversation = chat.parse_conversation(messages, tools)
+    return chat.encode_conversation(
+        tokenizer, template, conversation, train_on=train_on, max_length=max_length
+    )
+
+
 def chatml_text(messages):
     """ChatML written by hand, independently of the template engine."""
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -54,7 +63,7 @@ def trained_runs(labels):
 @pytest.mark.parametrize("train_on", ["assistant", "all"])
 def test_labels_cover_exactly_the_assistant_replies_token_by_token(tokenizer, train_on):
     assert chat.has_chat_template(tokenizer)
-    rendered = chat.encode_conversation(tokenizer, TURNS, train_on=train_on, max_length=1024)
+    rendered = encode(tokenizer, TURNS, train_on=train_on)
     ids = tokenizer(chatml_text(TURNS), add_special_tokens=False)["input_ids"]
     assert rendered.input_ids == ids
     assert not rendered.truncated
@@ -79,7 +88,7 @@ def test_builtin_chatml_on_a_tokenizer_without_a_template(tokenizer):
     tokenizer.chat_template = None
     assert not chat.has_chat_template(tokenizer)
     assert chat.resolve_chat_template(tokenizer, "chatml") == []  # its markers exist already
-    rendered = chat.encode_conversation(tokenizer, TURNS, train_on="assistant", max_length=1024)
+    rendered = encode(tokenizer, TURNS)
     assert (
         rendered.input_ids == tokenizer(chatml_text(TURNS), add_special_tokens=False)["input_ids"]
     )
@@ -97,31 +106,30 @@ def test_a_custom_template_without_generation_markers(tokenizer, tmp_path):
         "{% endfor %}{% if add_generation_prompt %}{{ '' }}{% endif %}"
     )
     chat.resolve_chat_template(tokenizer, str(template))
-    rendered = chat.encode_conversation(tokenizer, TURNS[1:], train_on="assistant", max_length=1024)
+    rendered = encode(tokenizer, TURNS[1:])
     trained = tokenizer.decode([i for i in rendered.labels if i != IGNORE_INDEX])
     assert "Two streets north." in trained and "Next to it." in trained
     assert "[INST]" not in trained and "station" not in trained
-    assert chat.end_of_turn_ids(tokenizer)[0] == tokenizer.convert_tokens_to_ids("</s>")
+    template = chat.training_template(tokenizer, str(template))
+    assert template.mask == chat.MASK_PREFIXES
+    assert chat.end_of_turn_ids(tokenizer, template)[0] == tokenizer.convert_tokens_to_ids("</s>")
 
 
 def test_a_long_conversation_keeps_whole_turns(tokenizer):
-    full = chat.encode_conversation(tokenizer, TURNS, train_on="assistant", max_length=1024)
-    first_reply = chat.encode_conversation(
-        tokenizer, TURNS[:3], train_on="assistant", max_length=1024
-    )
-    cut = chat.encode_conversation(
-        tokenizer, TURNS, train_on="assistant", max_length=len(full.input_ids) - 3
-    )
+    full = encode(tokenizer, TURNS)
+    first_reply = encode(tokenizer, TURNS[:3])
+    cut = encode(tokenizer, TURNS, max_length=len(full.input_ids) - 3)
     assert cut.truncated and cut.input_ids == first_reply.input_ids[: len(cut.input_ids)]
     assert tokenizer.decode(cut.input_ids).endswith("<|im_end|>")  # never inside a header
-    problem = chat.encode_conversation(tokenizer, TURNS, train_on="assistant", max_length=10)
+    problem = encode(tokenizer, TURNS, max_length=10)
     assert isinstance(problem, str) and "longer than data.max_length=10" in problem
 
 
 def test_end_of_turn_and_prompt(tokenizer):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert chat.end_of_turn_ids(tokenizer)[0] == im_end
-    prompt = tokenizer.decode(chat.prompt_ids(tokenizer, TURNS))
+    template = chat.training_template(tokenizer)
+    assert chat.end_of_turn_ids(tokenizer, template)[0] == im_end
+    prompt = chat.prompt_text(tokenizer, template, chat.parse_conversation(TURNS))
     assert prompt.endswith("<|im_start|>assistant\n") and "Next to it" not in prompt
 
 
@@ -156,7 +164,7 @@ def test_too_long_conversations_are_refused_or_skipped(tokenizer, tmp_path):
     path = write_chat(tmp_path / "chat.jsonl", [TURNS[1:3], TURNS])
     with pytest.raises(UserError, match="line 1.*longer than data.max_length=12"):
         load_chat(path, tokenizer, max_length=12)
-    first_reply = chat.encode_conversation(tokenizer, TURNS[:3], train_on="all", max_length=99)
+    first_reply = encode(tokenizer, TURNS[:3], train_on="all", max_length=99)
     fits = len(first_reply.input_ids)  # TURNS is cut after its first reply, not skipped
     assert len(load_chat(path, tokenizer, max_length=fits, skip_invalid_rows=True)) == 2
     assert len(load_chat(path, tokenizer, max_length=fits - 2, skip_invalid_rows=True)) == 1

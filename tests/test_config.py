@@ -14,7 +14,9 @@ from clustertune.config import FinetuneConfig, config_to_yaml, parse_config, wri
 from clustertune.errors import UserError
 
 FINETUNE_CONFIGS = sorted(
-    p for p in (REPO / "recipes" / "configs").rglob("*.yaml") if p.stem in ("full", "lora")
+    p
+    for p in (REPO / "recipes" / "configs").rglob("*.yaml")
+    if p.stem in ("full", "lora") or p.stem.endswith("_lora")
 )
 
 
@@ -24,13 +26,16 @@ def test_there_are_finetune_configs():
         "smoke/lora",
         "flan_t5_base/full",
         "flan_t5_base/lora",
+        "qwen3_0_6b/full",
+        "qwen3_0_6b/lora",
+        "smoke/agent_lora",
     }
 
 
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_loads(path: Path):
     cfg = parse_config(FinetuneConfig, ["--config", str(path)])
-    assert cfg.peft.method == path.stem.replace("full", "none")
+    assert cfg.peft.method == ("none" if path.stem == "full" else "lora")
     first_lines = path.read_text().splitlines()[:6]
     assert any("recipes/finetune.py" in line for line in first_lines), (
         "YAML must open with the command that runs it"

@@ -375,13 +375,26 @@ def test_run_dir_gives_model_prompt_and_truncation(tmp_path, smoke_assets):
 # ----------------------------------------------------------------------------- configs and CLI
 
 
-@pytest.mark.parametrize("name", ["smoke", "flan_t5_base", "qwen2_5_0_5b"])
-def test_shipped_eval_configs_load(name):
-    path = REPO / "recipes" / "configs" / name / "evaluate.yaml"
+EVAL_CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*evaluate.yaml"))
+
+
+def test_every_model_folder_has_an_eval_config():
+    assert {p.parent.name for p in EVAL_CONFIGS} >= {
+        "smoke",
+        "flan_t5_base",
+        "qwen2_5_0_5b",
+        "qwen3_0_6b",
+    }
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_eval_configs_load(path):
     assert path.read_text().startswith("#")
+    assert "recipes/evaluate.py" in "".join(path.read_text().splitlines()[:8])
     cfg = parse_config(EvaluateConfig, ["--config", str(path)])
-    assert cfg.model.name_or_path and cfg.data.reference_columns and cfg.batch_size > 0
-    if name == "smoke":
+    chat = cfg.data.format == "chat"
+    assert cfg.model.name_or_path and (cfg.data.reference_columns or chat) and cfg.batch_size > 0
+    if path.parent.name == "smoke" and path.stem == "evaluate":
         assert cfg.data.reference_columns == ["summary1", "summary2", "summary3"]
         assert (cfg.batch_size, cfg.generation.max_new_tokens) == (32, 64)
 

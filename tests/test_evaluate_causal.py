@@ -63,6 +63,11 @@ def chat_set(tmp_path, tokenizer, conversations, **data):
     )
 
 
+def styled(eval_set) -> tuple[str, bool]:
+    """(format, rendered with the chat template) of an eval set's prompts."""
+    return eval_set.style.format, eval_set.style.chat_template
+
+
 def first_trained(labels: list[int], last: bool = False) -> int:
     """Where a trained run of labels starts (the first, or the last run)."""
     starts = [
@@ -78,13 +83,19 @@ def first_trained(labels: list[int], last: bool = False) -> int:
 
 def test_chat_prompt_is_the_conversation_before_its_last_reply(tmp_path, tokenizer):
     eval_set = chat_set(tmp_path, tokenizer, [TURNS, TURNS[1:3]])
-    assert eval_set.style == PromptStyle("chat", True) and eval_set.id_source == "row index"
+    assert styled(eval_set) == ("chat", True) and eval_set.id_source == "row index"
     assert eval_set.references == [["Next to it."], ["Two streets north."]]
     expected = chatml_text(TURNS[:-1]) + GENERATION_PROMPT
     assert eval_set.prompts[0] == expected
     assert eval_set.prompt_ids[0] == tokenizer(expected, add_special_tokens=False)["input_ids"]
     # generation starts exactly where training's loss on that reply starts
-    trained = chat.encode_conversation(tokenizer, TURNS, train_on="assistant", max_length=1024)
+    trained = chat.encode_conversation(
+        tokenizer,
+        chat.training_template(tokenizer),
+        chat.parse_conversation(TURNS),
+        train_on="assistant",
+        max_length=1024,
+    )
     start = first_trained(trained.labels, last=True)
     assert trained.input_ids[:start] == eval_set.prompt_ids[0]
     assert eval_set.num_truncated == 0
@@ -166,7 +177,7 @@ def test_text_through_the_template_is_cut_in_the_user_content_as_training_cuts_i
         max_source_length=12,
     )
     eval_set = load_eval_set(d, tokenizer, "causal", "tiny")
-    assert eval_set.style == PromptStyle("text", True)  # null: the tokenizer has a template
+    assert styled(eval_set) == ("text", True)  # null: the tokenizer has a template
     assert eval_set.num_truncated == 1  # row a: its content cut, row b: whole
     for prompt_ids, prompt, trained in zip(
         eval_set.prompt_ids,
@@ -196,7 +207,7 @@ def test_raw_text_prompt_keeps_its_start_as_training(tmp_path, tokenizer):
         use_chat_template="false",
     )
     eval_set = load_eval_set(d, tokenizer, "causal", "tiny")
-    assert eval_set.style == PromptStyle("text", False) and eval_set.num_truncated == 1
+    assert styled(eval_set) == ("text", False) and eval_set.num_truncated == 1
     raw = training_rows(path, tokenizer, max_source_length=12, use_chat_template=False)
     for prompt_ids, trained in zip(eval_set.prompt_ids, raw, strict=True):
         assert prompt_ids == trained["input_ids"][: trained["num_source_tokens"]]
@@ -244,7 +255,7 @@ def test_what_the_model_cannot_take_is_refused_before_loading_it(tmp_path, smoke
     tokenizer.chat_template = None
     # text without a template on the tokenizer: the raw prompt
     text = resolved_data(eval_file=text_rows(tmp_path), reference_columns="[summary]")
-    assert load_eval_set(text, tokenizer, "causal", "tiny").style == PromptStyle("text", False)
+    assert styled(load_eval_set(text, tokenizer, "causal", "tiny")) == ("text", False)
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -252,7 +263,8 @@ def test_what_the_model_cannot_take_is_refused_before_loading_it(tmp_path, smoke
 
 def test_generation_stops_at_the_end_of_turn_token(tokenizer):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    chat_style, raw_style = PromptStyle("chat", True), PromptStyle("text", False)
+    chat_style = PromptStyle("chat", chat.training_template(tokenizer))
+    raw_style = PromptStyle("text")
     assert stop_token_ids(tokenizer, chat_style, [7, im_end]) == [im_end, 7]
     assert stop_token_ids(tokenizer, raw_style, 7) == [7]  # the model's EOS only
     assert stop_token_ids(tokenizer, raw_style, None) == [tokenizer.eos_token_id]
@@ -286,6 +298,8 @@ def causal_run(folder: Path, smoke_assets, marker: dict, config_yaml: bool) -> P
 CHAT_MARKER = {
     "format": "chat",
     "messages_column": "conversation",
+    "tools_column": "tools",
+    "template_date": "",
     "use_chat_template": None,  # null is a value (when the tokenizer has a template)
     "max_length": 300,
     "source_column": "dialogue",

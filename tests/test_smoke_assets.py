@@ -35,8 +35,12 @@ ASSET_KEYS = [
     "chat_train",
     "chat_validation",
     "chat_test",
+    "agent_train",
+    "agent_validation",
+    "agent_test",
     "tiny_t5",
     "tiny_causal",
+    "tiny_qwen3",
 ]
 
 
@@ -67,7 +71,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_two_builds_are_byte_identical(two_builds):
     first, second = two_builds
     assert list(first) == ASSET_KEYS
-    for key in ("train", "tiny_t5", "tiny_causal"):
+    for key in ("train", "tiny_t5", "tiny_causal", "tiny_qwen3"):
         folder_a, folder_b = first[key], second[key]
         if folder_a.is_file():
             folder_a, folder_b = folder_a.parent, folder_b.parent

@@ -21,15 +21,19 @@ import torch
 from clustertune.data_files import (  # noqa: F401  (the loading API, re-exported)
     ALL_EMPTY,
     LOCAL_FORMATS,
+    ROW_COLUMN,
     InvalidRows,
     find_invalid_rows,
     load_split,
     refuse_or_skip_invalid_rows,
     row_location,
 )
-from clustertune.errors import UserError
+from clustertune.errors import UserError, is_main_process
 
 IGNORE_INDEX = -100
+# Part of every tokenisation's cache key (datasets hashes the spec, not the code it calls):
+# bump it when what a row becomes changes, so no cache made by other code is read.
+TOKENIZE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,18 @@ class TokenizeSpec:
     max_target_length: int
     format: str = "text"  # "text" | "chat" (data.format)
     messages_column: str = "messages"
-    train_on: str = "assistant"  # "assistant" | "all"
+    tools_column: str = "tools"
+    train_on: str = "assistant"  # "assistant" | "last_assistant" | "all"
     max_length: int = 1024  # chat: tokens per conversation
-    use_chat_template: bool = False  # text on a causal model: prompt/target as user/assistant
+    # the chat template rows are rendered with (chat, or text with use_chat_template); None:
+    # raw text
+    template: Any = None
+    version: int = TOKENIZE_VERSION
+
+    @property
+    def use_chat_template(self) -> bool:
+        """Text rows rendered as a user turn (the prompt) and an assistant turn (the target)."""
+        return self.format == "text" and self.template is not None
 
 
 def _truncate(ids: list[int], max_length: int, keep_last: int | None) -> list[int]:
@@ -82,6 +95,8 @@ COLUMNS = (
     "source_truncated",
     "target_truncated",
     "problem",  # why the row cannot be used ("" when it can): chat conversations only
+    "problem_field",  # the row's value the problem is about (messages or tools column)
+    "row",  # the row's position in the data it was read from
 )
 
 
@@ -93,29 +108,36 @@ def tokenize_dataset(
 
     eos = tokenizer.eos_token_id
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
         out: dict[str, list] = {k: [] for k in COLUMNS}
 
         def add(ids: list[int], labels: list[int], counts: tuple[int, int], cut: tuple[bool, bool]):
-            for column, value in zip(COLUMNS, (ids, labels, *counts, *cut, ""), strict=True):
+            for column, value in zip(COLUMNS, (ids, labels, *counts, *cut, "", ""), strict=False):
                 out[column].append(value)
+            position = len(out["row"])  # the file's row: kept through skipped rows
+            out["row"].append(rows[position].get(ROW_COLUMN, indices[position]))
 
         if spec.format == "chat":
             for row in rows:
-                messages = row[spec.messages_column]
-                problem = chat.messages_problem(messages)
-                rendered = problem or chat.encode_conversation(
-                    tokenizer,
-                    chat.clean_messages(messages),
-                    train_on=spec.train_on,
-                    max_length=spec.max_length,
+                conversation = chat.parse_conversation(
+                    row[spec.messages_column], row.get(spec.tools_column)
                 )
-                if isinstance(rendered, str):  # refused or skipped after the map
+                rendered = conversation
+                if not isinstance(conversation, chat.Problem):
+                    rendered = chat.encode_conversation(
+                        tokenizer,
+                        spec.template,
+                        conversation,
+                        train_on=spec.train_on,
+                        max_length=spec.max_length,
+                    )
+                if isinstance(rendered, chat.Problem):  # refused or skipped after the map
                     add([], [], (0, 0), (False, False))
-                    out["problem"][-1] = rendered
+                    out["problem"][-1] = str(rendered)
+                    out["problem_field"][-1] = rendered.field
                     continue
                 add(
                     rendered.input_ids,
@@ -142,14 +164,13 @@ def tokenize_dataset(
             for prompt, target in zip(prompts, targets, strict=True):
                 prompt, prompt_cut = cut_text(tokenizer, prompt, spec.max_source_length)
                 target, target_cut = cut_text(tokenizer, target, spec.max_target_length)
-                turns = [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": target},
-                ]
-                rendered = chat.encode_conversation(
-                    tokenizer, turns, train_on=spec.train_on, max_length=1 << 30
+                turns = chat.Conversation(
+                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
                 )
-                if isinstance(rendered, str):  # the template itself fails: nothing trains
+                rendered = chat.encode_conversation(
+                    tokenizer, spec.template, turns, train_on=spec.train_on, max_length=1 << 30
+                )
+                if isinstance(rendered, chat.Problem):  # the template itself fails: nothing trains
                     raise UserError(f"data.use_chat_template: a prompt/target pair {rendered}.")
                 add(
                     rendered.input_ids,
@@ -178,6 +199,7 @@ def tokenize_dataset(
     return dataset.map(
         encode,
         batched=True,
+        with_indices=True,
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=dataset.column_names,
         desc="tokenising",
@@ -185,25 +207,37 @@ def tokenize_dataset(
 
 
 def refuse_or_skip_unusable(
-    tokenized: datasets.Dataset, *, source: str, what: str, skip: bool, column: str
+    tokenized: datasets.Dataset,
+    *,
+    source: str,
+    what: str,
+    skip: bool,
+    columns: dict[str, str],
 ) -> datasets.Dataset:
-    """Conversations tokenize_dataset marked unusable (bad structure, a failing template, too
-    long): one error naming the first, or skipped and counted with data.skip_invalid_rows.
-    Rows keep their positions through the map, so the file line is the right one."""
+    """Conversations tokenize_dataset marked unusable (bad structure, a row the template
+    refuses, too long): one error naming the first by its file line, or skipped and counted
+    with data.skip_invalid_rows. `columns` names the data column of each problem field."""
     problems = tokenized["problem"]
-    bad = [row for row, problem in enumerate(problems) if problem]
-    invalid = InvalidRows(bad, column, problems[bad[0]], (column,)) if bad else None
-    kept = refuse_or_skip_invalid_rows(
-        tokenized,
-        invalid,
-        source=source,
-        what=what,
-        skip=skip,
-        problems="conversations that cannot be used (malformed, no assistant turn, or too long)",
-    )
+    bad = [position for position, problem in enumerate(problems) if problem]
+    if not bad:
+        return tokenized.remove_columns(["problem", "problem_field"])
+    first = bad[0]
+    column = columns.get(tokenized["problem_field"][first], columns["messages"])
+    count = f"{len(bad)} of {len(tokenized)} rows"
+    kinds = "conversations that cannot be used (malformed, refused by the template, or too long)"
+    if not skip:
+        location = row_location(source, tokenized["row"][first])
+        raise UserError(
+            f"{what}: '{source}' {location}: '{column}' {problems[first]}; {count} are {kinds}: "
+            "fix the data, or set data.skip_invalid_rows=true to skip them."
+        )
+    if is_main_process():  # every rank tokenises; say it once
+        print(f"{what}: skipped {count} of '{source}', {kinds} (data.skip_invalid_rows=true)")
+    dropped = set(bad)
+    kept = tokenized.select([p for p in range(len(tokenized)) if p not in dropped])
     if len(kept) == 0:
         raise UserError(f"{what}: '{source}' has no usable conversations left.")
-    return kept.remove_columns("problem")
+    return kept.remove_columns(["problem", "problem_field"])
 
 
 def truncation_report(tokenized: datasets.Dataset, name: str, spec: TokenizeSpec) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,10 @@ def _text_problem(value: Any) -> str | None:
         return "is empty"
     return None
 
+
+# Each row's position in its file, added when rows before it are skipped, so that later
+# messages (and `clustertune-data inspect`) still name the file's row.
+ROW_COLUMN = "_clustertune_row"
 
 ALL_EMPTY = "are all null or empty"  # the problem of a row none of whose `any_of` columns is text
 
@@ -199,6 +203,8 @@ def refuse_or_skip_invalid_rows(
     if is_main_process():  # every rank loads the data; say it once
         print(f"{what}: skipped {count} of '{source}' with {problems} ({key}=true)", flush=True)
     bad = set(invalid.rows)
+    if ROW_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     return dataset.select([row for row in range(len(dataset)) if row not in bad])
 
 
@@ -212,6 +218,55 @@ def _first_bad_line(path: Path, row_problem: Callable[[dict], str | None]) -> st
     return None
 
 
+def _json_records(path: Path) -> Iterator[dict]:
+    if path.suffix.lower() == ".jsonl":
+        with path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+        return
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, list) or not all(isinstance(r, dict) for r in document):
+        raise UserError(
+            f"'{path}' is not a JSON array of objects; give one (or JSON Lines, a .jsonl file)."
+        )
+    yield from document
+
+
+def _rows_as_json_text(path: str, json_columns: tuple[str, ...]) -> Iterator[dict]:
+    """Rows of a JSON file with `json_columns` as the JSON text of each value (None where
+    absent): nested values reach the consumer exactly as written, never as an Arrow struct
+    holding the union of every row's keys, and never refused for differing between rows."""
+    for record in _json_records(Path(path)):
+        yield {
+            **{k: v for k, v in record.items() if k not in json_columns},
+            **{
+                column: None if record.get(column) is None else json.dumps(record[column])
+                for column in json_columns
+            },
+        }
+
+
+def _load_json_keeping_columns(path: Path, json_columns: Sequence[str]) -> datasets.Dataset:
+    """A local JSON/JSON Lines file with `json_columns` kept as JSON text (_rows_as_json_text),
+    cached by datasets under a fingerprint of the file's identity (path, size, mtime)."""
+    import hashlib
+
+    stat = path.stat()
+    identity = json.dumps(
+        ["json-columns-1", str(path.resolve()), stat.st_size, stat.st_mtime_ns, list(json_columns)]
+    )
+    dataset = datasets.Dataset.from_generator(
+        _rows_as_json_text,
+        # a tuple: datasets would take a list as shards, one generator call per item
+        gen_kwargs={"path": str(path), "json_columns": tuple(json_columns)},
+        fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
+    )
+    # a column no row has is absent, as datasets' own reader would leave it
+    absent = [c for c in json_columns if all(v is None for v in dataset[c])]
+    return dataset.remove_columns(absent) if absent else dataset
+
+
 def load_split(
     file_or_dataset: str,
     *,
@@ -221,6 +276,8 @@ def load_split(
     skip_invalid_rows: bool = False,
     text_columns: Sequence[str] | None = None,
     row_problem: Callable[[dict], str | None] | None = None,
+    json_columns: Sequence[str] = (),
+    column_keys: dict[str, str] | None = None,
 ) -> datasets.Dataset:
     """Load a local jsonl/json/csv/parquet file or a hub dataset split, then validate it.
 
@@ -228,7 +285,9 @@ def load_split(
     `text_columns` (default: `required_columns`) must hold non-empty text in every row: a
     row that does not is refused, or skipped with `skip_invalid_rows` (find_invalid_rows).
     `row_problem` (a raw JSON row -> why it is unusable) names the line when a .jsonl cannot
-    be loaded at all.
+    be loaded at all. `json_columns` of a local JSON file are kept as each row's JSON text
+    (conversations and tools: see _rows_as_json_text). `column_keys` names the setting behind
+    a required column ({column: key}), for the message when it is missing.
     """
     path = Path(file_or_dataset).expanduser()
     suffix = path.suffix.lower()
@@ -255,9 +314,14 @@ def load_split(
         if suffix == ".jsonl":
             _check_jsonl(path)
         try:
-            dataset = datasets.load_dataset(
-                LOCAL_FORMATS[suffix], data_files=str(path), split="train"
-            )
+            if json_columns and LOCAL_FORMATS[suffix] == "json":
+                dataset = _load_json_keeping_columns(path, json_columns)
+            else:
+                dataset = datasets.load_dataset(
+                    LOCAL_FORMATS[suffix], data_files=str(path), split="train"
+                )
+        except UserError:
+            raise
         except Exception as error:  # datasets raises many types for unreadable files
             if "corresponds to no data" in str(error) or path.stat().st_size == 0:
                 raise UserError(f"{what}: '{file_or_dataset}' has no examples.") from None
@@ -279,6 +343,13 @@ def load_split(
                 "HF cache when offline."
             ) from None
     missing = [c for c in required_columns if c not in dataset.column_names]
+    keys = [column_keys[c] for c in missing if column_keys and c in column_keys]
+    if keys:
+        raise UserError(
+            f"{what}: '{file_or_dataset}' has no column {', '.join(repr(c) for c in missing)} "
+            f"(columns: {', '.join(dataset.column_names)}); set {' / '.join(keys)} to the "
+            "column that holds them."
+        )
     if missing:
         raise UserError(
             f"{what}: '{file_or_dataset}' has no column {', '.join(repr(c) for c in missing)} "

@@ -48,6 +48,7 @@ FINGERPRINT_KEYS = (
     "data.train_split",
     "data.format",
     "data.messages_column",
+    "data.tools_column",
     "data.chat_template",
     "data.use_chat_template",
     "data.train_on",
@@ -75,6 +76,8 @@ SCHEDULE_KEYS = ("train.max_steps", "train.num_epochs")
 FINAL_PROMPT_KEYS = {
     "format": "data.format",
     "messages_column": "data.messages_column",
+    "tools_column": "data.tools_column",
+    "template_date": "data.template_date",
     "use_chat_template": "data.use_chat_template",
     "max_length": "data.max_length",
     "source_column": "data.source_column",
@@ -97,19 +100,24 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
+def fingerprint(cfg: FinetuneConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings of FINGERPRINT_KEYS, and `extra`: what was resolved from them (the chat
+    template a run renders with and how its masks are found: chat.ChatTemplate.identity)."""
     # The data order also depends on the batch-plan code: its version is part of the identity.
     return jsonable(
         {
             **{key: _dotted_get(cfg, key) for key in FINGERPRINT_KEYS},
             "batch_plan_version": BATCH_PLAN_VERSION,
+            **(extra or {}),
         }
     )
 
 
-def final_prompt_settings(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The FINAL_PROMPT_KEYS values of this run, for the final marker."""
-    return {name: _dotted_get(cfg, key) for name, key in FINAL_PROMPT_KEYS.items()}
+def final_prompt_settings(cfg: FinetuneConfig, template_date: str | None = None) -> dict[str, Any]:
+    """The FINAL_PROMPT_KEYS values of this run, for the final marker; `template_date`: the
+    date the chat template rendered (data.template_date resolved)."""
+    settings = {name: _dotted_get(cfg, key) for name, key in FINAL_PROMPT_KEYS.items()}
+    return {**settings, "template_date": template_date or settings["template_date"]}
 
 
 def schedule_record(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -118,11 +126,14 @@ def schedule_record(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def changed_settings(
-    recorded: dict[str, Any], cfg: FinetuneConfig, total_steps: int
+    recorded: dict[str, Any],
+    cfg: FinetuneConfig,
+    total_steps: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """{key: (recorded, now)} for every setting this launch changes against a checkpoint's
     trainer_state.json or a final marker (which records its total as `step`)."""
-    saved, now = recorded.get("fingerprint", {}), fingerprint(cfg)
+    saved, now = recorded.get("fingerprint", {}), fingerprint(cfg, extra)
     changes = {
         key: (saved.get(key), now.get(key))
         for key in sorted(set(saved) | set(now))
@@ -145,7 +156,10 @@ def changed_settings(
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    text = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if "chat.date" in changes and changes["chat.date"][0]:  # the template writes today's date
+        text += f" (data.template_date={changes['chat.date'][0]} renders the run's date)"
+    return text
 
 
 class FinishedRun(NamedTuple):
@@ -153,14 +167,16 @@ class FinishedRun(NamedTuple):
     note: str | None = None  # with allow_config_change=true: what this launch does to final/
 
 
-def check_finished_run(cfg: FinetuneConfig, output_dir: Path, total_steps: int) -> FinishedRun:
+def check_finished_run(
+    cfg: FinetuneConfig, output_dir: Path, total_steps: int, extra: dict[str, Any] | None = None
+) -> FinishedRun:
     """Decide against output_dir/final/ before any compute. A finished run with other settings
     or another step count is refused, naming the keys that differ, unless allow_config_change
     (then the note says what this launch does to it)."""
     marker = output_dir / "final" / FINAL_MARKER
     if cfg.resume == "never" or not marker.is_file():
         return FinishedRun(already_finished=False)
-    changes = changed_settings(json.loads(marker.read_text()), cfg, total_steps)
+    changes = changed_settings(json.loads(marker.read_text()), cfg, total_steps, extra)
     if not changes:
         return FinishedRun(already_finished=True)
     resume_from = resume_path(cfg, output_dir)
@@ -172,7 +188,7 @@ def check_finished_run(cfg: FinetuneConfig, output_dir: Path, total_steps: int) 
         if resume_from is not None
         else "trains from step 0 with the new settings (metrics.jsonl starts over)"
     )
-    if resume_from is not None and not set(changes) <= set(fingerprint(cfg)):
+    if resume_from is not None and not set(changes) <= set(fingerprint(cfg, extra)):
         consequence += f" (the LR schedule rebuilt for {total_steps} steps)"
     consequence += " and replaces final/ when it finishes"
     if not cfg.allow_config_change:
@@ -256,7 +272,13 @@ def check_checkpoint_folder(path: Path, *, is_deepspeed: bool) -> None:
 
 
 def check_resumable(
-    path: Path, cfg: FinetuneConfig, *, total_steps: int, world_size: int, ds_config: dict | None
+    path: Path,
+    cfg: FinetuneConfig,
+    *,
+    total_steps: int,
+    world_size: int,
+    ds_config: dict | None,
+    extra: dict[str, Any] | None = None,
 ) -> str | None:
     """Refuse a checkpoint made with other settings, or by a strategy this launch cannot
     continue, before any weights are loaded; return the log lines that say what changed
@@ -264,7 +286,7 @@ def check_resumable(
     `ds_config` is the launch's DeepSpeed JSON (None without DeepSpeed)."""
     check_checkpoint_folder(path, is_deepspeed=ds_config is not None)
     state = json.loads((path / TRAINER_STATE).read_text())
-    changes = changed_settings(state, cfg, total_steps)
+    changes = changed_settings(state, cfg, total_steps, extra)
     _refuse_other_parameters(path, changes, what=f"the checkpoint in {path}")
     if changes and not cfg.allow_config_change:
         raise UserError(

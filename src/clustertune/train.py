@@ -75,6 +75,7 @@ class Trainer:
     tokenizer: Any
     data: TrainData
     total_steps: int  # train.max_steps, or num_epochs x steps per epoch
+    identity: dict[str, Any]  # resolved settings in the run's fingerprint (the chat template)
     auto_batch: SearchResult | None  # the search trace when train.micro_batch_size is auto
     micro_batch_size: int  # examples per micro-batch (1, nominal, with a token budget)
     micro_batch_tokens: int  # token budget per micro-batch; 0: micro_batch_size examples
@@ -116,7 +117,9 @@ class Trainer:
         )
         # Decisions against what the folder holds, before any compute: nothing in it is
         # touched (not even config.yaml) unless this launch is allowed to continue it.
-        finished = check_finished_run(cfg, self.output_dir, self.total_steps)
+        # the chat template the rows were rendered with belongs to the run's identity
+        self.identity = self.data.template.identity() if self.data.template else {}
+        finished = check_finished_run(cfg, self.output_dir, self.total_steps, self.identity)
         if finished.already_finished:
             runtime.log(
                 f"clustertune: {self.output_dir} already finished at step {self.total_steps} "
@@ -132,6 +135,7 @@ class Trainer:
                 total_steps=self.total_steps,
                 world_size=runtime.world_size,
                 ds_config=runtime.deepspeed_template,
+                extra=self.identity,
             )
             notes += [resume_note] if resume_note else []
         batching = resolve_batching(cfg, runtime, self.tokenizer, self.data, self.total_steps)
@@ -416,7 +420,7 @@ class Trainer:
         state = {
             "step": step,
             "world_size": self.runtime.world_size,
-            "fingerprint": fingerprint(self.cfg),
+            "fingerprint": fingerprint(self.cfg, self.identity),
             "total_steps": self.total_steps,
             "schedule": schedule_record(self.cfg),
         }
@@ -453,13 +457,15 @@ class Trainer:
                 tmp / FINAL_MARKER,
                 {
                     "step": self.total_steps,
-                    "fingerprint": fingerprint(self.cfg),
+                    "fingerprint": fingerprint(self.cfg, self.identity),
                     "schedule": schedule_record(self.cfg),
                     "peft_method": self.cfg.peft.method,
                     "base_model": self.cfg.model.name_or_path,
                     "kind": self.runtime.kind,
                     # what evaluation (run_dir) takes from the run: what final/ was trained with
-                    **final_prompt_settings(self.cfg),
+                    **final_prompt_settings(
+                        self.cfg, self.data.template.date if self.data.template else None
+                    ),
                 },
             )
             replace_folder(tmp, final)

@@ -22,6 +22,7 @@ class TrainData:
     train: Any  # datasets.Dataset with input_ids, labels, num_source/target_tokens
     eval: Any | None  # the same for the periodic eval loss; None disables it
     collator: data_lib.Collator
+    template: Any = None  # chat.ChatTemplate the rows were rendered with; None: raw text
 
     def collate(self, indices: np.ndarray, split: Any, device: Any) -> dict[str, Any]:
         """Rows `indices` of a tokenised split -> a padded (or packed) batch on `device`."""
@@ -52,10 +53,11 @@ def check_data_for_model(data_cfg: DataConfig, kind: str) -> None:
 
 def tokenize_spec(
     data_cfg: DataConfig, kind: str, tokenizer: Any, model_name: str, trains_embeddings: bool = True
-) -> Any:
+) -> data_lib.TokenizeSpec:
     """How rows become tokens for this model and tokenizer: the chat template resolved (the
-    configured one set on the tokenizer, so final/ saves it), and whether text rows use it."""
-    use_template = False
+    configured one set on the tokenizer, so final/ saves it; for a known family the training
+    copy the masks come from) and checked, and whether text rows use it."""
+    template = None
     if kind == "causal":
         added = chat.resolve_chat_template(tokenizer, data_cfg.chat_template)
         if added and not trains_embeddings:
@@ -65,10 +67,12 @@ def tokenize_spec(
                 "embeddings untrained: use peft.method=none, or a model whose tokenizer has a "
                 "chat template (or these tokens)."
             )
-        renders = chat.uses_chat_template(
+        if chat.uses_chat_template(
             tokenizer, data_cfg.format, data_cfg.use_chat_template, model_name
-        )
-        use_template = data_cfg.format == "text" and renders  # the text rows' path
+        ):
+            template = chat.training_template(
+                tokenizer, data_cfg.chat_template, data_cfg.template_date
+            )
     return data_lib.TokenizeSpec(
         kind,
         data_cfg.prompt_template,
@@ -77,22 +81,25 @@ def tokenize_spec(
         data_cfg.max_target_length,
         format=data_cfg.format,
         messages_column=data_cfg.messages_column,
+        tools_column=data_cfg.tools_column,
         train_on=data_cfg.train_on,
         max_length=data_cfg.max_length,
-        use_chat_template=use_template,
+        template=template,
     )
 
 
 def load_rows(data_cfg: DataConfig, source: str, split: str, what: str) -> Any:
     """One split, validated: text columns, or (chat) the conversation column."""
     if data_cfg.format == "chat":
-        column = data_cfg.messages_column
+        column, tools = data_cfg.messages_column, data_cfg.tools_column
 
         def row_problem(record: dict) -> str | None:
-            problem = chat.messages_problem(record.get(column))
-            return f"'{column}' {problem}" if problem else None
+            problem = chat.parse_conversation(record.get(column), record.get(tools))
+            if isinstance(problem, chat.Problem):
+                return f"'{column if problem.field == 'messages' else tools}' {problem}"
+            return None
 
-        return data_lib.load_split(
+        rows = data_lib.load_split(
             source,
             split=split,
             required_columns=[column],
@@ -100,7 +107,16 @@ def load_rows(data_cfg: DataConfig, source: str, split: str, what: str) -> Any:
             skip_invalid_rows=data_cfg.skip_invalid_rows,
             text_columns=[],  # checked per conversation by tokenize_dataset
             row_problem=row_problem,
+            json_columns=[column, tools],
+            column_keys={column: "data.messages_column"},
         )
+        if tools != "tools" and tools not in rows.column_names:
+            raise UserError(
+                f"{what}: '{source}' has no column '{tools}' (columns: "
+                f"{', '.join(rows.column_names)}); set data.tools_column to the column holding "
+                "each row's tools, or leave it at its default 'tools' for rows without tools."
+            )
+        return rows
     return data_lib.load_split(
         source,
         split=split,
@@ -111,18 +127,37 @@ def load_rows(data_cfg: DataConfig, source: str, split: str, what: str) -> Any:
 
 
 def tokenize_rows(
-    rows: Any, tokenizer: Any, spec: Any, data_cfg: DataConfig, source: str, what: str
+    rows: Any,
+    tokenizer: Any,
+    spec: data_lib.TokenizeSpec,
+    data_cfg: DataConfig,
+    source: str,
+    what: str,
 ) -> Any:
     tokenized = data_lib.tokenize_dataset(rows, tokenizer, spec, data_cfg.num_proc)
     if spec.format != "chat":
-        return tokenized.remove_columns("problem")
+        return tokenized.remove_columns(["problem", "problem_field"])
+    refuse_template_faults(tokenized, spec.template, len(rows))
     return data_lib.refuse_or_skip_unusable(
         tokenized,
         source=source,
         what=what,
         skip=data_cfg.skip_invalid_rows,
-        column=data_cfg.messages_column,
+        columns={"messages": data_cfg.messages_column, "tools": data_cfg.tools_column},
     )
+
+
+def refuse_template_faults(tokenized: Any, template: Any, num_rows: int) -> None:
+    """A template that refuses every row is at fault, not the data: one line naming the
+    template and its error, never "N of N rows" with advice to skip them all."""
+    problems = tokenized["problem"]
+    refused = [p for p in problems if p.startswith(chat.REFUSED_BY_TEMPLATE)]
+    if num_rows and len(refused) == num_rows:
+        raise UserError(
+            f"the chat template ({template.origin}) fails on every row: "
+            f"{refused[0][len(chat.REFUSED_BY_TEMPLATE) + 2 : -1]}; fix the template"
+            + (f" file {template.path}." if template.path else ".")
+        )
 
 
 def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) -> TrainData:
@@ -140,6 +175,8 @@ def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) ->
     def what(key: str) -> str:  # the setting that named the source
         return key if getattr(data_cfg, key.split(".")[1]) else "data.dataset"
 
+    if spec.template is not None:
+        runtime.log(spec.template.describe())
     with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
         train_what = what("data.train_file")
         train_rows = load_rows(data_cfg, train_source, data_cfg.train_split, train_what)
@@ -165,7 +202,7 @@ def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) ->
         if decoder_start is None:
             decoder_start = tokenizer.pad_token_id
     collator = data_lib.Collator(tokenizer.pad_token_id, decoder_start, packing=data_cfg.packing)
-    return TrainData(train=train, eval=evaluation, collator=collator)
+    return TrainData(train=train, eval=evaluation, collator=collator, template=spec.template)
 
 
 def _lengths(split: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:

@@ -33,7 +33,7 @@ Auto = Literal["auto"]  # with int: a number, or found at start-up
 DataFormat = Literal["text", "chat"]
 
 
-TrainOn = Literal["assistant", "all"]
+TrainOn = Literal["assistant", "last_assistant", "all"]
 
 
 def _literal_choices(hint: Any) -> tuple[tuple[Any, ...], bool] | None:
@@ -179,3 +179,14 @@ def check_tracker_name(tracker: str) -> None:
         raise UserError(
             f"train.report_to: unknown tracker '{tracker}'; {hint}(choices: {', '.join(names)})."
         )
+
+
+def check_date(key: str, value: str) -> None:
+    from datetime import datetime
+
+    try:
+        datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise UserError(
+            f"{key}={value!r} is not a date; write it as YYYY-MM-DD, e.g. 2026-01-31."
+        ) from None

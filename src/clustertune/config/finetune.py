@@ -16,6 +16,7 @@ from clustertune.config.checks import (
     TrainOn,
     Validated,
     at_least,
+    check_date,
     check_prompt_template,
     check_source_placeholder,
     check_tracker_name,
@@ -61,18 +62,27 @@ class DataConfig(Validated):
     # Split of data.dataset for the periodic eval loss.
     eval_split: str = "validation"
     # text: a prompt (prompt_template over columns) and a target column; chat: a column of
-    # conversations, lists of {role: system|user|assistant, content} (decoder-only models).
+    # conversations, lists of {role: system|user|assistant|tool, content, tool_calls,
+    # reasoning_content} messages as transformers' chat templates take them (decoder-only models).
     format: DataFormat = "text"
     # chat: the column holding each row's conversation.
     messages_column: str = "messages"
+    # chat: the column holding the tools a row's conversation may call (a list of JSON-schema
+    # function definitions, or its JSON text), passed to the template; absent column: no tools.
+    tools_column: str = "tools"
     # Decoder-only models: a Jinja file, or a built-in (chatml) for tokenizers that have no
-    # chat template; empty: the tokenizer's own template.
+    # chat template; empty: the tokenizer's own template (for a known family without
+    # generation markers, TRL's marked training copy of it renders the training rows).
     chat_template: str = ""
+    # The date a template that writes today's date renders (gpt-oss), YYYY-MM-DD; empty: the
+    # day the run tokenises. Part of the run's identity: a resume on another day names it.
+    template_date: str = ""
     # text format on a decoder-only model: render the prompt as the user turn and the target as
     # the assistant turn with the chat template (null: when the tokenizer has one; false: raw
     # concatenation of prompt and target).
     use_chat_template: bool | None = None
-    # Loss on the assistant turns only (their content and end-of-turn tokens), or on every token.
+    # Loss on what the model writes in every assistant turn (reasoning, tool calls, content,
+    # end of turn), on the final assistant turn only (last_assistant: agent traces), or on all.
     train_on: TrainOn = "assistant"
     # chat: tokens per conversation; a longer one keeps its turns up to the last assistant reply
     # that fits (never cut inside a turn), and one whose first reply does not fit is invalid.
@@ -109,6 +119,8 @@ class DataConfig(Validated):
                 "data.format=chat is rendered with the chat template; remove "
                 "data.use_chat_template=false (it is for data.format=text)."
             )
+        if self.template_date:
+            check_date("data.template_date", self.template_date)
         at_least("data.max_length", self.max_length, 2)
         at_least("data.max_source_length", self.max_source_length, 1)
         at_least("data.max_target_length", self.max_target_length, 1)

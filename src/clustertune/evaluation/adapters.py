@@ -142,6 +142,8 @@ class System:
     output_dir: Path
     activate: Callable[[], contextlib.AbstractContextManager[Any]]  # makes it the one generated
     predictions: list[str] = field(default_factory=list)  # set by Evaluator.generate
+    # chat sets: each generated reply parsed (content, reasoning, tool calls); else empty
+    replies: list[dict[str, Any]] = field(default_factory=list)
     throughput: dict[str, Any] = field(default_factory=dict)
 
 

@@ -38,7 +38,7 @@ from clustertune.config import (
     in_range,
     parse_config,
 )
-from clustertune.config.checks import DataFormat
+from clustertune.config.checks import DataFormat, check_date
 from clustertune.errors import UserError
 from clustertune.evaluation.adapters import check_adapter_keys, check_names, default_names
 from clustertune.evaluation.settings import (  # noqa: F401  (re-exported: the config's sections)
@@ -112,6 +112,12 @@ class EvalDataConfig(Validated):
     format: str | None = None
     # chat: the column of conversations. Unset: the training run's with run_dir, else messages.
     messages_column: str | None = None
+    # chat: the column of the tools each conversation may call. Unset: the training run's with
+    # run_dir, else tools (absent: no tools).
+    tools_column: str | None = None
+    # The date a template that writes today's date renders (YYYY-MM-DD). Unset: the date the
+    # training run rendered with run_dir, else today.
+    template_date: str | None = None
     # Decoder-only: a Jinja file, or a built-in (chatml), replacing the tokenizer's template;
     # empty: the tokenizer's own (with run_dir: the one final/ was trained with).
     chat_template: str = ""
@@ -145,6 +151,8 @@ class EvalDataConfig(Validated):
             )
         if self.max_length is not None:
             at_least("data.max_length", self.max_length, 2)
+        if self.template_date:
+            check_date("data.template_date", self.template_date)
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template)
         if self.max_examples is not None and self.max_examples < 1:
@@ -416,6 +424,8 @@ def _data_defaults(data_cfg: EvalDataConfig) -> EvalDataConfig:
         data_cfg,
         format=data_format,
         messages_column=_unset_or(data_cfg.messages_column, training.messages_column),
+        tools_column=_unset_or(data_cfg.tools_column, training.tools_column),
+        template_date=_unset_or(data_cfg.template_date, training.template_date),
         max_length=_unset_or(data_cfg.max_length, training.max_length),
         reference_columns=references,
         source_column=_unset_or(data_cfg.source_column, training.source_column),

@@ -28,9 +28,9 @@ from clustertune.config import template_fields
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvalDataConfig
 from clustertune.evaluation.prompts import (
+    ChatExample,
     PromptStyle,
-    chat_prompt,
-    last_reply,
+    chat_example,
     prompt_style,
     templated_prompt,
 )
@@ -127,7 +127,10 @@ class EvalSet:
     references: list[list[str]]
     id_source: str
     num_truncated: int
-    style: PromptStyle = PromptStyle("text", False)
+    style: PromptStyle = PromptStyle("text")
+    # chat: each example's reference reply (its tool calls, what the conversation may call);
+    # empty for text sets
+    examples: list[ChatExample] | None = None
 
 
 def _source(data_cfg: EvalDataConfig) -> tuple[str, str]:
@@ -147,7 +150,11 @@ def _check_reference_columns(dataset: Any, data_cfg: EvalDataConfig, source: str
 
 
 def load_eval_set(
-    data_cfg: EvalDataConfig, tokenizer: Any, kind: str, model_name: str = "the model"
+    data_cfg: EvalDataConfig,
+    tokenizer: Any,
+    kind: str,
+    model_name: str = "the model",
+    enable_thinking: bool | None = None,
 ) -> EvalSet:
     """Load, validate and tokenise the eval data. `data_cfg` must be resolved (resolve_config).
 
@@ -157,7 +164,7 @@ def load_eval_set(
     construction. Prompts rendered with the chat template (conversations, or text with
     use_chat_template) are built by prompts.py, cut as training cuts them.
     """
-    style = prompt_style(data_cfg, tokenizer, kind, model_name)
+    style = prompt_style(data_cfg, tokenizer, kind, model_name, enable_thinking)
     if style.format == "chat":
         return _load_chat_set(data_cfg, tokenizer, style)
     source, what = _source(data_cfg)
@@ -184,7 +191,9 @@ def load_eval_set(
     ]
     prompts = [data_cfg.prompt_template.format(**row) for row in records]
     if style.chat_template:  # the prompt's content cut to max_source_length tokens, as trained
-        rendered = [templated_prompt(tokenizer, p, data_cfg.max_source_length) for p in prompts]
+        rendered = [
+            templated_prompt(tokenizer, style, p, data_cfg.max_source_length) for p in prompts
+        ]
         return EvalSet(
             ids,
             [text for text, _, _ in rendered],
@@ -213,13 +222,15 @@ def load_eval_set(
 def _load_chat_set(data_cfg: EvalDataConfig, tokenizer: Any, style: PromptStyle) -> EvalSet:
     """Conversations: each prompt the conversation before its last assistant reply; the
     references that reply, or data.reference_columns. Rows that cannot be evaluated (see
-    chat.messages_problem, prompts.chat_prompt) are refused naming the first, or skipped."""
+    chat.parse_conversation, prompts.chat_example) are refused naming the first, or skipped."""
     source, what = _source(data_cfg)
-    column = str(data_cfg.messages_column)
+    column, tools_column = str(data_cfg.messages_column), str(data_cfg.tools_column)
 
     def row_problem(record: dict) -> str | None:  # names the line of a file datasets cannot load
-        problem = chat.messages_problem(record.get(column))
-        return f"'{column}' {problem}" if problem else None
+        problem = chat.parse_conversation(record.get(column), record.get(tools_column))
+        if isinstance(problem, chat.Problem):
+            return f"'{column if problem.field == 'messages' else tools_column}' {problem}"
+        return None
 
     dataset = data_lib.load_split(
         source,
@@ -228,11 +239,21 @@ def _load_chat_set(data_cfg: EvalDataConfig, tokenizer: Any, style: PromptStyle)
         what=what,
         text_columns=(),  # checked below, keeping each row's position
         row_problem=row_problem,
+        json_columns=[column, tools_column],
+        column_keys={column: "data.messages_column"},
     )
     _check_reference_columns(dataset, data_cfg, source)
     max_length = int(data_cfg.max_length or 0)
-    built = [chat_prompt(tokenizer, messages, max_length) for messages in dataset[column]]
-    problems = {row: (column, b) for row, b in enumerate(built) if isinstance(b, str)}
+    tools = dataset[tools_column] if tools_column in dataset.column_names else [None] * len(dataset)
+    built = [
+        chat_example(tokenizer, style, messages, row_tools, max_length)
+        for messages, row_tools in zip(dataset[column], tools, strict=True)
+    ]
+    problems = {
+        row: (column if b.field == "messages" else tools_column, b)
+        for row, b in enumerate(built)
+        if isinstance(b, chat.Problem)
+    }
     if data_cfg.reference_columns:
         invalid = data_lib.find_invalid_rows(dataset, (), data_cfg.reference_columns)
         for row in invalid.rows if invalid else ():
@@ -248,8 +269,8 @@ def _load_chat_set(data_cfg: EvalDataConfig, tokenizer: Any, style: PromptStyle)
             source=source,
             what=what,
             skip=data_cfg.skip_invalid_rows,
-            problems="conversations that cannot be evaluated (malformed, no assistant turn, "
-            "a prompt too long for data.max_length) or no reference",
+            problems="conversations that cannot be evaluated (malformed, refused by the "
+            "template, a prompt too long for data.max_length) or no reference",
         )
         rows = [row for row in rows if row not in problems]
         if not rows:
@@ -260,19 +281,20 @@ def _load_chat_set(data_cfg: EvalDataConfig, tokenizer: Any, style: PromptStyle)
         dataset = dataset.select(rows)
     columns = dataset.to_dict()
     ids, id_source = assign_ids(columns, len(dataset), data_cfg.id_column, row_numbers=rows)
+    examples: list[ChatExample] = [built[row] for row in rows]  # type: ignore[misc]
     if data_cfg.reference_columns:
         references = reference_lists(columns, data_cfg.reference_columns, ids)
     else:
-        references = [[last_reply(chat.clean_messages(m))] for m in columns[column]]
-    prompts = [built[row] for row in rows]
+        references = [[example.reference] for example in examples]
     return EvalSet(
         ids,
-        [text for text, _ in prompts],  # type: ignore[misc]  (the valid rows: tuples)
-        [prompt for _, prompt in prompts],  # type: ignore[misc]
+        [example.prompt for example in examples],
+        [example.prompt_ids for example in examples],
         references,
         id_source,
         0,  # never cut: a prompt too long for max_length is invalid (above)
         style,
+        examples,
     )
 
 

@@ -38,6 +38,7 @@ from clustertune.autobatch import (
     device_description,
     margin_applied,
 )
+from clustertune.chat import replies
 from clustertune.config import ModelConfig, PeftConfig
 from clustertune.deepspeed_config import zero_stage
 from clustertune.distributed import all_ranks_agree
@@ -147,8 +148,14 @@ class Evaluator:
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
         with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
             self.eval_set = load_eval_set(
-                cfg.data, self.tokenizer, self.kind, cfg.model.name_or_path
+                cfg.data,
+                self.tokenizer,
+                self.kind,
+                cfg.model.name_or_path,
+                cfg.generation.enable_thinking,
             )
+        if self.eval_set.examples is not None:  # chat: replies are read back into their parts
+            runtime.log(f"replies parsed by {replies.install_parser(self.tokenizer)}")
         eval_set, references = self.eval_set, cfg.data.reference_columns
         truncated = (
             ""
@@ -323,12 +330,18 @@ class Evaluator:
         """Each system in turn, its adapter switched on: see `_generate_system`."""
         for system in self.systems:
             with system.activate():
-                system.predictions, system.throughput = self._generate_system(system.name)
+                system.predictions, system.replies, system.throughput = self._generate_system(
+                    system.name
+                )
 
     @torch.no_grad()
-    def _generate_system(self, name: str | None) -> tuple[list[str], dict[str, Any]]:
+    def _generate_system(
+        self, name: str | None
+    ) -> tuple[list[str], list[dict[str, Any]], dict[str, Any]]:
         """Every rank generates its batches; predictions are gathered to all ranks by id.
-        Returns the predictions in eval-set order and the throughput figures."""
+        Returns the predictions in eval-set order (chat: the parsed reply's content, or its
+        calls where the reference is a tool call), the parsed replies (chat) and the
+        throughput figures."""
         from accelerate.utils import gather_object
 
         cfg, accel, es = self.cfg, self.accelerator, self.eval_set
@@ -342,7 +355,7 @@ class Evaluator:
 
             desc = f"generating {name}" if name else "generating"
             progress = tqdm(total=len(mine), desc=desc, dynamic_ncols=True)
-        records: list[tuple[str, str, int]] = []
+        records: list[tuple[str, str, int, dict[str, Any] | None]] = []
         real_tokens = padded_slots = 0
         accel.wait_for_everyone()
         start = time.perf_counter()
@@ -364,14 +377,10 @@ class Evaluator:
                 else output[:, 1:]
             )
             if not is_padding:
-                texts = tokenizer.batch_decode(
-                    until_stop(new_tokens, self.stop_ids), skip_special_tokens=True
-                )
+                stopped = until_stop(new_tokens, self.stop_ids)
                 counts = count_generated(new_tokens, self.stop_ids)
-                records += [
-                    (es.ids[i], text.strip(), n)
-                    for i, text, n in zip(positions, texts, counts, strict=True)
-                ]
+                for i, ids, n in zip(positions, stopped, counts, strict=True):
+                    records.append((es.ids[i], *self._prediction(i, ids), n))
                 real_tokens += int(inputs["attention_mask"].sum())
                 padded_slots += inputs["attention_mask"].numel()
             if progress is not None:
@@ -383,8 +392,9 @@ class Evaluator:
         stats = gather_object([(real_tokens, padded_slots)])
         accel.wait_for_everyone()
         seconds = time.perf_counter() - start
-        predictions = merge_predictions(gathered, es.ids)
-        generated_tokens = merge_predictions([(r[0], r[2]) for r in gathered], es.ids)
+        predictions = merge_predictions([(r[0], r[1]) for r in gathered], es.ids)
+        parsed = merge_predictions([(r[0], r[2]) for r in gathered], es.ids)
+        generated_tokens = merge_predictions([(r[0], r[3]) for r in gathered], es.ids)
         total_generated = int(sum(generated_tokens))
         throughput = {
             "examples_per_second": round(len(es.ids) / seconds, 3),
@@ -407,7 +417,21 @@ class Evaluator:
             f"{throughput['generated_tokens_per_second']:.1f} generated tokens/s, prompt padding efficiency "
             f"{throughput['prompt_padding_efficiency']:.2f} ({'sorted' if cfg.sort_by_length else 'dataset order'})"
         )
-        return predictions, throughput
+        return predictions, [] if es.examples is None else parsed, throughput
+
+    def _prediction(self, position: int, ids: list[int]) -> tuple[str, dict[str, Any] | None]:
+        """One example's scored text and, for chat, its parsed reply: the content, or the
+        calls' canonical text where the reference reply only calls tools."""
+        es = self.eval_set
+        if es.examples is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), None
+        example = es.examples[position]
+        reply = replies.parse_reply(self.tokenizer, ids, es.prompt_ids[position], example.tools)
+        # what the model wrote, markup included, beside what was read from it
+        reply["text"] = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if example.scores_calls:
+            return replies.calls_text(reply.get("tool_calls")), reply
+        return reply["content"], reply
 
     # -------------------------------------------------------------- score and save
     def save(self) -> dict[str, Any] | None:
@@ -435,13 +459,14 @@ class Evaluator:
             system.cfg,
             self.eval_set,
             system.predictions,
+            replies_=system.replies,
             kind=self.kind,
             dtype=self.dtype,
             throughput=system.throughput,
             auto_batch=self.auto_batch,
             stop_ids=self.stop_ids,
         )
-        write_outputs(system.output_dir, report, self.eval_set, system.predictions)
+        write_outputs(system.output_dir, report, self.eval_set, system.predictions, system.replies)
         return report
 
     @staticmethod

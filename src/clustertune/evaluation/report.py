@@ -20,6 +20,7 @@ from typing import Any
 from clustertune import rouge
 from clustertune.atomicio import write_text_atomic
 from clustertune.autobatch import SearchResult
+from clustertune.chat import replies
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.evalset import EvalSet
 
@@ -39,11 +40,35 @@ def example_scores(
     }
 
 
+def tool_call_scores(
+    eval_set: EvalSet, replies_: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """Over the examples whose reference reply calls tools: the share whose generated reply
+    makes exactly those calls (names and parsed arguments, any order), and the share with the
+    right function names. None when no reference calls a tool."""
+    examples = eval_set.examples or []
+    matches = [
+        replies.calls_match(reply.get("tool_calls"), example.reference_calls)
+        for example, reply in zip(examples, replies_, strict=True)
+        if example.reference_calls
+    ]
+    if not matches:
+        return None
+    return {
+        "examples": len(matches),
+        "exact_match": round(100 * sum(exact for exact, _ in matches) / len(matches), 2),
+        "name_match": round(100 * sum(names for _, names in matches) / len(matches), 2),
+        "scored_as": "percent of examples whose reference reply calls tools; exact: the same "
+        "function names and parsed arguments, in any order",
+    }
+
+
 def build_report(
     cfg: EvaluateConfig,
     eval_set: EvalSet,
     predictions: Sequence[str],
     *,
+    replies_: Sequence[Mapping[str, Any]] = (),
     kind: str,
     dtype: str,
     throughput: dict[str, Any],
@@ -81,7 +106,11 @@ def build_report(
         else list(data.reference_columns),
         "prompts": style.describe(),
         **(
-            {"messages_column": data.messages_column, "max_length": data.max_length}
+            {
+                "messages_column": data.messages_column,
+                "tools_column": data.tools_column,
+                "max_length": data.max_length,
+            }
             if is_chat
             else {
                 "source_column": data.source_column,
@@ -91,8 +120,16 @@ def build_report(
             }
         ),
         # the template's own setting: empty keeps the tokenizer's (with run_dir, final/'s)
-        **({"chat_template": data.chat_template or "tokenizer's"} if style.chat_template else {}),
+        **(
+            {"chat_template": style.template.origin, "template_mask": style.template.mask}
+            if style.template is not None
+            else {}
+        ),
     }
+    if is_chat and replies_:
+        calls = tool_call_scores(eval_set, replies_)
+        if calls is not None:
+            report["tool_calls"] = calls
     report["generation"] = {**asdict(cfg.generation), "stop_token_ids": list(stop_ids)}
     report["throughput"] = throughput
     if auto_batch is not None:
@@ -101,32 +138,54 @@ def build_report(
 
 
 def prediction_lines(
-    eval_set: EvalSet, predictions: Sequence[str], *, use_stemmer: bool = True
+    eval_set: EvalSet,
+    predictions: Sequence[str],
+    replies_: Sequence[Mapping[str, Any]] = (),
+    *,
+    use_stemmer: bool = True,
 ) -> list[str]:
-    """One JSON line per example, in eval-set order: id, prompt, prediction, references, scores."""
+    """One JSON line per example, in eval-set order: id, prompt, prediction, references, scores;
+    for chat sets also the parsed reply and, where the reference calls tools, whether the
+    generated calls match."""
     lines = []
-    for example_id, prompt, prediction, references in zip(
-        eval_set.ids, eval_set.prompts, predictions, eval_set.references, strict=True
+    examples = eval_set.examples or [None] * len(eval_set.ids)
+    parsed = list(replies_) or [None] * len(eval_set.ids)
+    for example_id, prompt, prediction, references, example, reply in zip(
+        eval_set.ids,
+        eval_set.prompts,
+        predictions,
+        eval_set.references,
+        examples,
+        parsed,
+        strict=True,
     ):
-        lines.append(
-            json.dumps(
-                {
-                    "id": example_id,
-                    "prompt": prompt,
-                    "prediction": prediction,
-                    "references": references,
-                    "scores": example_scores(prediction, references, use_stemmer=use_stemmer),
-                }
-            )
-        )
+        line: dict[str, Any] = {
+            "id": example_id,
+            "prompt": prompt,
+            "prediction": prediction,
+            "references": references,
+            "scores": example_scores(prediction, references, use_stemmer=use_stemmer),
+        }
+        if reply is not None:
+            line["reply"] = reply
+        if example is not None and example.reference_calls and reply is not None:
+            exact, names = replies.calls_match(reply.get("tool_calls"), example.reference_calls)
+            line["tool_calls"] = {"exact_match": exact, "name_match": names}
+        lines.append(json.dumps(line))
     return lines
 
 
 def write_outputs(
-    output_dir: Path, report: Mapping[str, Any], eval_set: EvalSet, predictions: Sequence[str]
+    output_dir: Path,
+    report: Mapping[str, Any],
+    eval_set: EvalSet,
+    predictions: Sequence[str],
+    replies_: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """predictions.jsonl, then rouge.json, each atomically. The per-example scores use the
     report's stemmer setting, so they average to its means."""
-    lines = prediction_lines(eval_set, predictions, use_stemmer=report.get("use_stemmer", True))
+    lines = prediction_lines(
+        eval_set, predictions, replies_, use_stemmer=report.get("use_stemmer", True)
+    )
     write_text_atomic(output_dir / "predictions.jsonl", "\n".join(lines) + "\n")
     write_text_atomic(output_dir / "rouge.json", json.dumps(report, indent=2) + "\n")

@@ -38,6 +38,10 @@ class GenerationSettings(Validated):
     no_repeat_ngram_size: int = 0
     # > 1 penalises tokens already generated (1: off).
     repetition_penalty: float = 1.0
+    # Templates with a thinking switch (Qwen3's enable_thinking): true lets the model reason
+    # before answering, false renders the prompt with thinking off; unset: the template's
+    # default. Refused for a template without that switch.
+    enable_thinking: bool | None = None
 
     def validate(self) -> None:
         at_least("generation.max_new_tokens", self.max_new_tokens, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import string
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clustertune.atomicio import read_jsonl
+from clustertune.smoke.agents import ensure_agent_data
 from clustertune.smoke.chats import ensure_chat_data
 from clustertune.smoke.dialogues import ensure_smoke_data
-from clustertune.smoke.scenarios import CHAT_SPLITS, SPLITS
+from clustertune.smoke.scenarios import AGENT_SPLITS, CHAT_SPLITS, SPLITS
 
 if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no torch import)
     from tokenizers import Tokenizer
@@ -33,7 +35,8 @@ if TYPE_CHECKING:  # imported inside functions: the cached path stays fast (no t
 # 2: tiny T5 config.json says tie_word_embeddings=false. 3: chat data; the tiny Llama's
 # tokenizer has a ChatML template, <|im_start|>/<|im_end|> tokens and eos <|im_end|>, and its
 # head starts at unit logit scale. The T5 and the dialogue data are unchanged since 2.
-SMOKE_VERSION = "3"
+# 4: agent data (tool calls, reasoning) and the tiny Llama with Qwen3's template.
+SMOKE_VERSION = "4"
 _STAMP_FILE = ".smoke_version"
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as T5 expects
@@ -215,12 +218,45 @@ def build_tiny_causal_lm(
     can set on the loaded tokenizer. As Qwen2.5-Instruct: config eos `<|im_end|>`, generation
     stops at `<|im_end|>` or the base's end of text `</s>`, pad `<pad>`.
     """
+    return _save_tiny_llama(_causal_tokenizer(tokenizer, padding_side), Path(path), seed)
+
+
+# The tokens Qwen3's tokenizer adds for its template's reasoning and tool-call blocks (added,
+# not special: a decoded reply keeps them, and generation does not stop at them).
+QWEN3_ADDED_TOKENS = (
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+)
+
+
+def build_tiny_qwen3(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int = 0) -> Path:
+    """The tiny Llama with Qwen3's chat template, byte for byte as the installed TRL ships it
+    (qwen3.jinja: reasoning blocks, Hermes-style tool calls, tool results as user turns) and
+    Qwen3's added tokens: a model of a current family, offline. Training renders its rows
+    through TRL's generation-marked training copy, which TRL picks by that exact match."""
+    from tokenizers import AddedToken
+
+    from clustertune.chat.template import known_family, trl_template
+
+    tokenizer = _causal_tokenizer(tokenizer, "right")
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS]
+    )
+    tokenizer.chat_template = trl_template("qwen3")
+    assert known_family(tokenizer.chat_template) == "qwen3"
+    return _save_tiny_llama(tokenizer, Path(path), seed)
+
+
+def _save_tiny_llama(tokenizer: PreTrainedTokenizerFast, path: Path, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _causal_tokenizer(tokenizer, padding_side)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),  # 1,322 BPE tokens + <|im_start|>, <|im_end|>
+        vocab_size=len(tokenizer),  # 1,322 BPE tokens + <|im_start|>, <|im_end|> (+ added)
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -246,7 +282,6 @@ def build_tiny_causal_lm(
         tokenizer.convert_tokens_to_ids(EOS),
     ]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -291,7 +326,17 @@ def _publish(build_dir: Path, final: Path) -> None:
     os.rename(build_dir, final)
 
 
-_FOLDERS = {"data": "data", "tiny_t5": "tiny-t5", "tiny_causal": "tiny-causal"}  # under smoke/
+_FOLDERS = {  # under smoke/
+    "data": "data",
+    "tiny_t5": "tiny-t5",
+    "tiny_causal": "tiny-causal",
+    "tiny_qwen3": "tiny-qwen3",
+}
+_BUILDERS = {
+    "tiny_t5": build_tiny_t5,
+    "tiny_causal": build_tiny_causal_lm,
+    "tiny_qwen3": build_tiny_qwen3,
+}
 
 
 def missing_smoke_asset_hint(path: str | os.PathLike) -> str | None:
@@ -321,14 +366,15 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
     """
     root = Path(cache_dir or default_cache_dir()) / "smoke"
     folders = {key: root / name for key, name in _FOLDERS.items()}
-    paths = {split: folders["data"] / f"{split}.jsonl" for split in (*SPLITS, *CHAT_SPLITS)}
-    paths |= {"tiny_t5": folders["tiny_t5"], "tiny_causal": folders["tiny_causal"]}
+    splits = (*SPLITS, *CHAT_SPLITS, *AGENT_SPLITS)
+    paths = {split: folders["data"] / f"{split}.jsonl" for split in splits}
+    paths |= {key: folders[key] for key in _BUILDERS}
     if all(_is_current(folder) for folder in folders.values()):
         return paths
 
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(root / ".lock"):
-        tokenizer = None
+        tokenizers: dict[str, PreTrainedTokenizerFast] = {}
         for key, folder in folders.items():  # data first: the tokenizer is trained on it
             if _is_current(folder):
                 continue  # present, or another process built it while we waited for the lock
@@ -339,19 +385,28 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
                 if key == "data":
                     ensure_smoke_data(build_dir)
                     ensure_chat_data(build_dir)
+                    ensure_agent_data(build_dir)
                 else:
-                    if tokenizer is None:
-                        tokenizer = _smoke_tokenizer(paths["train"])
-                    build_model = build_tiny_t5 if key == "tiny_t5" else build_tiny_causal_lm
-                    build_model(tokenizer, build_dir)
+                    # tiny-qwen3's vocabulary also learns the JSON of tool calls and schemas
+                    vocabulary = "agent" if key == "tiny_qwen3" else "dialogue"
+                    if vocabulary not in tokenizers:
+                        tokenizers[vocabulary] = _smoke_tokenizer(
+                            paths["train"], paths["agent_train"] if vocabulary == "agent" else None
+                        )
+                    _BUILDERS[key](tokenizers[vocabulary], build_dir)
                 _publish(build_dir, folder)
             finally:
                 shutil.rmtree(build_dir, ignore_errors=True)
     return paths
 
 
-def _smoke_tokenizer(train_path: Path) -> PreTrainedTokenizerFast:
+def _smoke_tokenizer(train_path: Path, agent_path: Path | None = None) -> PreTrainedTokenizerFast:
     """The smoke tokenizer, trained on the train split's dialogues and summaries (not on the
-    chat data: the T5 assets stay what they were before the chat data existed)."""
+    chat data: the T5 assets stay what they were before the chat data existed); with
+    `agent_path`, also on the agent rows as JSON, so that tool schemas and calls are words of
+    the vocabulary as in real tokenizers, not characters."""
     rows = read_jsonl(train_path)
-    return build_tokenizer(text for row in rows for text in (row["dialogue"], row["summary"]))
+    texts = [text for row in rows for text in (row["dialogue"], row["summary"])]
+    if agent_path is not None:
+        texts += [json.dumps(row) for row in read_jsonl(agent_path)]
+    return build_tokenizer(texts)

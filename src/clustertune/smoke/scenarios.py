@@ -447,3 +447,43 @@ SLOT_LABELS = {
     "item": "item",
     "price": "price in dollars",
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Agent data (`clustertune.smoke.agents`): the same requests served through tool calls
+# ---------------------------------------------------------------------------------------
+
+AGENT_SPLITS = {  # split name -> (rows, seed); agent_test is held out as chat_test is
+    "agent_train": (2000, 20),
+    "agent_validation": (200, 21),
+    "agent_test": (200, 22),
+}
+# The tool that serves each scenario: its parameters are the scenario's slots (all strings).
+TOOL_NAMES = {
+    "restaurant booking": "book_table",
+    "train tickets": "buy_train_tickets",
+    "asking directions": "find_place",
+    "job interview": "schedule_interview",
+    "doctor visit": "book_doctor",
+    "hotel check-in": "book_hotel",
+    "shopping": "check_price",
+    "meeting": "schedule_meeting",
+}
+TOOL_DESCRIPTION = "Serves a {topic} request."
+# What a tool returns (JSON text) and how the assistant reports it: the reference code is
+# copied from the tool's answer, so the final reply needs attention to the tool message.
+TOOL_RESULT = '{{"status": "done", "reference": "{code}"}}'
+TOOL_REPLIES = (
+    "Done: {summary} Your reference is {code}.",
+    "All set. {summary} Reference {code}.",
+)
+PARALLEL_REPLY = "Both are done. References {code} and {code2}."
+REASONING = "The user asks about {topic}. {facts} I can answer with these values."
+REASONING_FACT = "The {label} is {value}."
+AGENT_MIX = (  # conversation kinds of an agent split and their shares
+    ("tool", 0.35),  # one request, one call, its result, the reply
+    ("rounds", 0.15),  # two requests one after the other: two rounds of call and reply
+    ("parallel", 0.15),  # two requests in one message: two calls in one turn
+    ("reasoning", 0.2),  # the reply reasons first (reasoning_content), no tools
+    ("chat", 0.15),  # a plain conversation from the chat generator, no tools
+)

@@ -1,0 +1,159 @@
+"""`clustertune-data`: the training data of a fine-tuning config, without a model or compute.
+
+    clustertune-data inspect --config CFG [--section.key=value ...] [--rows N] [--json]
+
+`inspect` renders the first N rows of the training data exactly as the training run would
+(the same config parsing, template resolution, tokenisation and masks: training_data.py) and
+shows what the loss is taken on: in a terminal, the text with the trained spans highlighted;
+with --json, one line per row, `{"row": i, "input_ids": [...], "labels": [...]}` (`i` the
+row's position in the data, labels -100 where no loss is taken), or `{"row": i, "skipped":
+"<reason>"}` for a row that data.skip_invalid_rows skips. A config or data the run would
+refuse is refused the same way: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any
+
+from clustertune.errors import UserError, exit_on_user_error
+
+IGNORE_INDEX = -100
+HIGHLIGHT, RESET = "\033[1;32m", "\033[0m"  # trained text in bold green
+PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"  # trained text when the output is not a terminal
+
+
+def inspect_rows(argv: list[str], num_rows: int) -> tuple[list[dict[str, Any]], Any]:
+    """The first `num_rows` training rows of the config `argv` names, as training encodes
+    them (the records `--json` prints), and the tokenizer."""
+    from clustertune import data as data_lib
+    from clustertune.config import FinetuneConfig, parse_config
+    from clustertune.data_files import ROW_COLUMN
+    from clustertune.modeling import load_model_config, load_tokenizer, model_kind
+    from clustertune.training_data import (
+        check_data_for_model,
+        load_rows,
+        refuse_template_faults,
+        tokenize_spec,
+    )
+
+    cfg = parse_config(FinetuneConfig, argv)
+    data_cfg = cfg.data
+    if not (data_cfg.train_file or data_cfg.dataset):
+        raise UserError("no training data: set data.train_file (a file or hub id) or data.dataset.")
+    kind = model_kind(load_model_config(cfg.model.name_or_path))
+    check_data_for_model(data_cfg, kind)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    spec = tokenize_spec(
+        data_cfg, kind, tokenizer, cfg.model.name_or_path, cfg.peft.method == "none"
+    )
+    if spec.template is not None:
+        print(spec.template.describe(), file=sys.stderr)
+    source = data_cfg.train_file or data_cfg.dataset
+    what = "data.train_file" if data_cfg.train_file else "data.dataset"
+    rows = load_rows(data_cfg, source, data_cfg.train_split, what)
+    first = rows.select(range(min(num_rows, len(rows))))
+    tokenized = data_lib.tokenize_dataset(first, tokenizer, spec)
+    if spec.format == "chat":
+        refuse_template_faults(tokenized, spec.template, len(first))
+        data_lib.refuse_or_skip_unusable(  # refuses as training does; skipping is shown below
+            tokenized,
+            source=source,
+            what=what,
+            skip=data_cfg.skip_invalid_rows,
+            columns={"messages": data_cfg.messages_column, "tools": data_cfg.tools_column},
+        )
+    records: list[dict[str, Any]] = []
+    shown = set(tokenized["row"])
+    if ROW_COLUMN in rows.column_names and shown:  # text rows skipped while loading
+        records += [
+            {"row": row, "skipped": "null, missing, empty or non-text values in its text columns"}
+            for row in range(max(shown))
+            if row not in shown
+        ]
+    for example in tokenized:
+        if example["problem"]:
+            records.append({"row": example["row"], "skipped": example["problem"]})
+        else:
+            records.append(
+                {
+                    "row": example["row"],
+                    "input_ids": example["input_ids"],
+                    "labels": example["labels"],
+                }
+            )
+    records.sort(key=lambda record: record["row"])
+    return records, tokenizer
+
+
+def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int], colour: bool) -> str:
+    """The example's text with its trained tokens marked. Each run of trained or untrained
+    tokens is the difference of two decoded prefixes, so spaces at run boundaries survive."""
+    opening, closing = (HIGHLIGHT, RESET) if colour else (PLAIN_OPEN, PLAIN_CLOSE)
+    boundaries = [0]
+    for position in range(1, len(input_ids)):
+        if (labels[position] != IGNORE_INDEX) != (labels[position - 1] != IGNORE_INDEX):
+            boundaries.append(position)
+    boundaries.append(len(input_ids))
+    decoded = [tokenizer.decode(input_ids[:end]) for end in boundaries]
+    parts = []
+    for index in range(len(boundaries) - 1):
+        text = decoded[index + 1][len(decoded[index]) :]
+        trained = labels[boundaries[index]] != IGNORE_INDEX
+        parts.append(f"{opening}{text}{closing}" if trained else text)
+    return "".join(parts)
+
+
+def _inspect(args: argparse.Namespace, config_argv: list[str]) -> int:
+    # stdout carries the rows only; what loading says (rows skipped, ...) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        records, tokenizer = inspect_rows(config_argv, args.rows)
+    colour = sys.stdout.isatty()
+    for record in records:
+        if args.json:
+            print(json.dumps(record))
+            continue
+        if "skipped" in record:
+            print(f"--- row {record['row']}: skipped: {record['skipped']}")
+            continue
+        ids, labels = record["input_ids"], record["labels"]
+        trained = sum(label != IGNORE_INDEX for label in labels[1:])
+        print(f"--- row {record['row']}: {len(ids)} tokens, {trained} trained")
+        print(highlighted(tokenizer, ids, labels, colour))
+    if not args.json:
+        legend = f"{HIGHLIGHT}trained{RESET}" if colour else f"{PLAIN_OPEN}trained{PLAIN_CLOSE}"
+        print(f"--- {legend} text is what the loss is taken on", file=sys.stderr)
+    return 0
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="clustertune-data",
+        description="The training data of a fine-tuning config, without a model or compute.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser(
+        "inspect",
+        help="render the first training rows as training would, trained spans highlighted",
+        description="Render the first N training rows exactly as the training run would. "
+        "Takes the recipe's --config and --section.key=value overrides.",
+    )
+    inspect.add_argument("--rows", type=int, default=3, help="rows to show (default 3)")
+    inspect.add_argument("--json", action="store_true", help="one JSON line per row")
+    args, config_argv = parser.parse_known_args(argv)
+    if args.rows < 1:
+        raise UserError(f"--rows={args.rows}: give a positive number of rows.")
+    import datasets
+
+    import clustertune.quiet  # noqa: F401  (library warnings a user cannot act on)
+
+    datasets.disable_progress_bars()  # the rows are the output
+    return _inspect(args, config_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ from clustertune.errors import UserError
 FINETUNE_CONFIGS = sorted(
     p
     for p in (REPO / "recipes" / "configs").rglob("*.yaml")
-    if p.stem in ("full", "lora") or p.stem.endswith("_lora")
+    if p.stem in ("full", "lora") or p.stem.endswith(("_lora", "_full"))
 )
 
 
@@ -35,7 +35,7 @@ def test_there_are_finetune_configs():
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_loads(path: Path):
     cfg = parse_config(FinetuneConfig, ["--config", str(path)])
-    assert cfg.peft.method == ("none" if path.stem == "full" else "lora")
+    assert cfg.peft.method == ("none" if path.stem.endswith("full") else "lora")
     first_lines = path.read_text().splitlines()[:6]
     assert any("recipes/finetune.py" in line for line in first_lines), (
         "YAML must open with the command that runs it"

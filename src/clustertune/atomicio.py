@@ -103,3 +103,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             if number != len(lines) - 1:
                 raise
     return records
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (ranks, array tasks, parallel test workers) on one
+    file system, held by the open file: a killed holder releases it. Waiting on it is not a
+    collective, so no process-group timeout runs while a rank waits."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -28,7 +28,7 @@ from clustertune.data_files import (  # noqa: F401  (the loading API, re-exporte
     refuse_or_skip_invalid_rows,
     row_location,
 )
-from clustertune.errors import UserError, is_main_process
+from clustertune.errors import UserError
 
 IGNORE_INDEX = -100
 # Part of every tokenisation's cache key (datasets hashes the spec, not the code it calls):
@@ -94,19 +94,68 @@ COLUMNS = (
     "num_target_tokens",  # tokens the loss is taken on
     "source_truncated",
     "target_truncated",
-    "problem",  # why the row cannot be used ("" when it can): chat conversations only
-    "problem_field",  # the row's value the problem is about (messages or tools column)
+    "problem",  # why the row cannot be used ("" when it can)
+    "problem_field",  # what the problem is about: messages / tools (chat) or a text column
     "row",  # the row's position in the data it was read from
 )
 
 
+def tokenized_features() -> datasets.Features:
+    """The tokenised rows' Arrow types: token ids in int32 (vocabularies < 2**31), half the
+    bytes of the int64 datasets would infer, memory-mapped or on disk."""
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "num_source_tokens": datasets.Value("int32"),
+            "num_target_tokens": datasets.Value("int32"),
+            "source_truncated": datasets.Value("bool"),
+            "target_truncated": datasets.Value("bool"),
+            "problem": datasets.Value("string"),
+            "problem_field": datasets.Value("string"),
+            "row": datasets.Value("int64"),
+        }
+    )
+
+
+def column(dataset: datasets.Dataset, name: str) -> Any:
+    """One column of every row as a numpy array, read through Arrow (a row selection
+    honoured): no Python object per row, whatever the size of the data."""
+    import numpy as np
+
+    return np.asarray(dataset.with_format("arrow")[name].to_numpy())
+
+
+def text_row_problem(row: dict[str, Any], columns: Sequence[str]) -> tuple[str, str] | None:
+    """(column, why) of the first of `columns` whose value is not non-empty text; None when
+    the row can be used."""
+    from clustertune.data_files import text_problem
+
+    for column in columns:
+        reason = text_problem(row.get(column))
+        if reason is not None:
+            return column, reason
+    return None
+
+
 def tokenize_dataset(
-    dataset: datasets.Dataset, tokenizer: Any, spec: TokenizeSpec, num_proc: int = 1
+    dataset: datasets.Dataset,
+    tokenizer: Any,
+    spec: TokenizeSpec,
+    num_proc: int = 1,
+    row_offset: int = 0,
+    cache_file_name: str | None = None,
 ) -> datasets.Dataset:
-    """Tokenise with datasets.map (cached on disk by fingerprint, so ranks > 0 reuse it)."""
+    """Tokenise with datasets.map (cached on disk by fingerprint, so ranks > 0 reuse it).
+    Every row gives one output row, in order: its tokens, or (a row that cannot be used) its
+    `problem`, which refuse_or_skip_unusable refuses or skips afterwards. `row` is the row's
+    position in its data (`row_offset`: of the first row, for a shard of it)."""
     from clustertune import chat
+    from clustertune.config import template_fields
 
     eos = tokenizer.eos_token_id
+    text_columns = [*template_fields(spec.prompt_template), spec.target_column]
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [
@@ -114,14 +163,24 @@ def tokenize_dataset(
         ]
         out: dict[str, list] = {k: [] for k in COLUMNS}
 
-        def add(ids: list[int], labels: list[int], counts: tuple[int, int], cut: tuple[bool, bool]):
-            for column, value in zip(COLUMNS, (ids, labels, *counts, *cut, "", ""), strict=False):
+        def add(
+            position: int,
+            ids: list[int],
+            labels: list[int],
+            counts: tuple[int, int],
+            cut: tuple[bool, bool],
+            problem: tuple[str, str] = ("", ""),
+        ) -> None:
+            row = rows[position].get(ROW_COLUMN, indices[position] + row_offset)
+            values = (ids, labels, *counts, *cut, *problem, row)
+            for column, value in zip(COLUMNS, values, strict=True):
                 out[column].append(value)
-            position = len(out["row"])  # the file's row: kept through skipped rows
-            out["row"].append(rows[position].get(ROW_COLUMN, indices[position]))
+
+        def refuse(position: int, problem: str, field: str) -> None:
+            add(position, [], [], (0, 0), (False, False), (problem, field))
 
         if spec.format == "chat":
-            for row in rows:
+            for position, row in enumerate(rows):
                 conversation = chat.parse_conversation(
                     row[spec.messages_column], row.get(spec.tools_column)
                 )
@@ -135,33 +194,35 @@ def tokenize_dataset(
                         max_length=spec.max_length,
                     )
                 if isinstance(rendered, chat.Problem):  # refused or skipped after the map
-                    add([], [], (0, 0), (False, False))
-                    out["problem"][-1] = str(rendered)
-                    out["problem_field"][-1] = rendered.field
+                    refuse(position, str(rendered), rendered.field)
                     continue
                 add(
+                    position,
                     rendered.input_ids,
                     rendered.labels,
                     _counts(rendered.labels),
                     (rendered.truncated, False),
                 )
             return out
-        prompts = [spec.prompt_template.format(**row) for row in rows]
-        targets = [str(row[spec.target_column]) for row in rows]
+        problems = [text_row_problem(row, text_columns) for row in rows]
+        valid = [position for position, problem in enumerate(problems) if problem is None]
+        prompts = [spec.prompt_template.format(**rows[p]) for p in valid]
+        targets = [str(rows[p][spec.target_column]) for p in valid]
+        encoded: dict[int, tuple] = {}
         if spec.kind == "seq2seq":
-            sources = tokenizer(prompts)["input_ids"]
-            labels = tokenizer(text_target=targets)["input_ids"]
-            for src, tgt in zip(sources, labels, strict=True):
+            sources = tokenizer(prompts)["input_ids"] if valid else []
+            labels = tokenizer(text_target=targets)["input_ids"] if valid else []
+            for position, src, tgt in zip(valid, sources, labels, strict=True):
                 src_t = _truncate(src, spec.max_source_length, eos)
                 tgt_t = _truncate(tgt, spec.max_target_length, eos)
-                add(
+                encoded[position] = (
                     src_t,
                     tgt_t,
                     (len(src_t), len(tgt_t)),
                     (len(src) > len(src_t), len(tgt) > len(tgt_t)),
                 )
         elif spec.use_chat_template:
-            for prompt, target in zip(prompts, targets, strict=True):
+            for position, prompt, target in zip(valid, prompts, targets, strict=True):
                 prompt, prompt_cut = cut_text(tokenizer, prompt, spec.max_source_length)
                 target, target_cut = cut_text(tokenizer, target, spec.max_target_length)
                 turns = chat.Conversation(
@@ -172,38 +233,60 @@ def tokenize_dataset(
                 )
                 if isinstance(rendered, chat.Problem):  # the template itself fails: nothing trains
                     raise UserError(f"data.use_chat_template: a prompt/target pair {rendered}.")
-                add(
+                encoded[position] = (
                     rendered.input_ids,
                     rendered.labels,
                     _counts(rendered.labels),
                     (prompt_cut, target_cut),
                 )
         else:
-            sources = tokenizer(prompts)["input_ids"]
-            bodies = tokenizer(targets, add_special_tokens=False)["input_ids"]
-            for src, body in zip(sources, bodies, strict=True):
+            sources = tokenizer(prompts)["input_ids"] if valid else []
+            bodies = tokenizer(targets, add_special_tokens=False)["input_ids"] if valid else []
+            for position, src, body in zip(valid, sources, bodies, strict=True):
                 tgt = body + [eos]
                 src_t = _truncate(src, spec.max_source_length, None)
                 tgt_t = _truncate(tgt, spec.max_target_length, eos)
                 labels = [IGNORE_INDEX] * len(src_t) + tgt_t
                 if spec.train_on == "all":
                     labels = src_t + tgt_t
-                add(
+                encoded[position] = (
                     src_t + tgt_t,
                     labels,
                     _counts(labels),
                     (len(src) > len(src_t), len(tgt) > len(tgt_t)),
                 )
+        for position, problem in enumerate(problems):
+            if problem is None:
+                add(position, *encoded[position])
+            else:
+                column, reason = problem
+                refuse(position, reason, column)
         return out
 
     return dataset.map(
         encode,
         batched=True,
         with_indices=True,
+        features=tokenized_features(),
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=dataset.column_names,
         desc="tokenising",
+        cache_file_name=cache_file_name,
     )
+
+
+CHAT_PROBLEMS = (
+    "conversations that cannot be used (malformed, refused by the template, or too long)"
+)
+
+
+def problem_positions(tokenized: datasets.Dataset) -> list[int]:
+    """Positions of the rows tokenize_dataset marked unusable (read in Arrow, without making
+    a Python list of every row's problem)."""
+    import pyarrow.compute as pc
+
+    problems = tokenized.with_format("arrow")["problem"]
+    return pc.indices_nonzero(pc.not_equal(problems, "")).to_pylist()
 
 
 def refuse_or_skip_unusable(
@@ -213,45 +296,39 @@ def refuse_or_skip_unusable(
     what: str,
     skip: bool,
     columns: dict[str, str],
+    problems: str | None = None,
 ) -> datasets.Dataset:
-    """Conversations tokenize_dataset marked unusable (bad structure, a row the template
-    refuses, too long): one error naming the first by its file line, or skipped and counted
-    with data.skip_invalid_rows. `columns` names the data column of each problem field."""
-    problems = tokenized["problem"]
-    bad = [position for position, problem in enumerate(problems) if problem]
-    if not bad:
-        return tokenized.remove_columns(["problem", "problem_field"])
-    first = bad[0]
-    column = columns.get(tokenized["problem_field"][first], columns["messages"])
-    count = f"{len(bad)} of {len(tokenized)} rows"
-    kinds = "conversations that cannot be used (malformed, refused by the template, or too long)"
-    if not skip:
-        location = row_location(source, tokenized["row"][first])
-        raise UserError(
-            f"{what}: '{source}' {location}: '{column}' {problems[first]}; {count} are {kinds}: "
-            "fix the data, or set data.skip_invalid_rows=true to skip them."
+    """Rows tokenize_dataset marked unusable (bad text values; chat: bad structure, a row the
+    template refuses, too long): one error naming the first by its file line, or skipped and
+    counted with data.skip_invalid_rows. `columns` names the data column of each problem field
+    (chat: messages and tools); `problems` says what such rows are (data_files' wording)."""
+    bad = problem_positions(tokenized)
+    if bad:
+        first = tokenized[bad[0]]
+        field = first["problem_field"]
+        checked = tuple(dict.fromkeys(columns.values()))
+        invalid = InvalidRows(bad, columns.get(field, field), first["problem"], checked)
+        tokenized = refuse_or_skip_invalid_rows(
+            tokenized,
+            invalid,
+            source=source,
+            what=what,
+            skip=skip,
+            problems=problems,
+            first_row=first["row"],
         )
-    if is_main_process():  # every rank tokenises; say it once
-        print(f"{what}: skipped {count} of '{source}', {kinds} (data.skip_invalid_rows=true)")
-    dropped = set(bad)
-    kept = tokenized.select([p for p in range(len(tokenized)) if p not in dropped])
-    if len(kept) == 0:
-        raise UserError(f"{what}: '{source}' has no usable conversations left.")
-    return kept.remove_columns(["problem", "problem_field"])
+        if len(tokenized) == 0:
+            raise UserError(f"{what}: '{source}' has no usable rows left.")
+    return tokenized.remove_columns(["problem", "problem_field"])
 
 
 def truncation_report(tokenized: datasets.Dataset, name: str, spec: TokenizeSpec) -> str:
-    sources = sum(tokenized["source_truncated"])
-    targets = sum(tokenized["target_truncated"])
+    sources = int(column(tokenized, "source_truncated").sum())
+    targets = int(column(tokenized, "target_truncated").sum())
     if spec.format == "chat":
-        lengths = [
-            s + t
-            for s, t in zip(
-                tokenized["num_source_tokens"], tokenized["num_target_tokens"], strict=True
-            )
-        ]
+        lengths = column(tokenized, "num_source_tokens") + column(tokenized, "num_target_tokens")
         return (
-            f"{name}: {len(tokenized)} conversations, {min(lengths)}-{max(lengths)} tokens; "
+            f"{name}: {len(tokenized)} conversations, {lengths.min()}-{lengths.max()} tokens; "
             f"{sources} longer than data.max_length={spec.max_length} kept their turns up to the "
             "last assistant reply that fits"
         )

@@ -1,6 +1,16 @@
 """`clustertune-data`: the training data of a fine-tuning config, without a model or compute.
 
+    clustertune-data prepare --config CFG [--section.key=value ...] [--num_proc N] [--shard I/N]
     clustertune-data inspect --config CFG [--section.key=value ...] [--rows N] [--json]
+
+`prepare` renders, tokenises, masks and measures the train and eval splits of every source
+once, into the prepared data of the config's fingerprint (data.prepared_dir, default a cache
+folder keyed by it: clustertune.prepare). Training reads it memory-mapped and never tokenises
+again; what is missing it prepares itself. `--num_proc N` tokenises on N processes;
+`--shard I/N` prepares the I-th of N disjoint parts of every split into the same folder (N
+SLURM array tasks or nodes share the work; the set is complete once every part is there; the
+examples are the same, in the same order, whatever N). A finished shard is kept; a killed one
+is made again on the next run.
 
 `inspect` renders the first N rows of the training data exactly as the training run would
 (the same config parsing, template resolution, tokenisation and masks: training_data.py) and
@@ -17,6 +27,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from typing import Any
 
 from clustertune.errors import UserError, exit_on_user_error
@@ -31,12 +42,11 @@ def inspect_rows(argv: list[str], num_rows: int) -> tuple[list[dict[str, Any]], 
     them (the records `--json` prints), and the tokenizer."""
     from clustertune import data as data_lib
     from clustertune.config import FinetuneConfig, parse_config
-    from clustertune.data_files import ROW_COLUMN
     from clustertune.modeling import load_model_config, load_tokenizer, model_kind
     from clustertune.training_data import (
         check_data_for_model,
         load_rows,
-        refuse_template_faults,
+        tokenize_rows,
         tokenize_spec,
     )
 
@@ -57,26 +67,15 @@ def inspect_rows(argv: list[str], num_rows: int) -> tuple[list[dict[str, Any]], 
     rows = load_rows(data_cfg, source, data_cfg.train_split, what)
     first = rows.select(range(min(num_rows, len(rows))))
     tokenized = data_lib.tokenize_dataset(first, tokenizer, spec)
-    if spec.format == "chat":
-        refuse_template_faults(tokenized, spec.template, len(first))
-        data_lib.refuse_or_skip_unusable(  # refuses as training does; skipping is shown below
-            tokenized,
-            source=source,
-            what=what,
-            skip=data_cfg.skip_invalid_rows,
-            columns={"messages": data_cfg.messages_column, "tools": data_cfg.tools_column},
-        )
+    if not data_cfg.skip_invalid_rows:  # refused as training refuses; skipped rows are shown
+        tokenize_rows(first, tokenizer, spec, data_cfg, source, what)
     records: list[dict[str, Any]] = []
-    shown = set(tokenized["row"])
-    if ROW_COLUMN in rows.column_names and shown:  # text rows skipped while loading
-        records += [
-            {"row": row, "skipped": "null, missing, empty or non-text values in its text columns"}
-            for row in range(max(shown))
-            if row not in shown
-        ]
     for example in tokenized:
         if example["problem"]:
-            records.append({"row": example["row"], "skipped": example["problem"]})
+            skipped = example["problem"]
+            if spec.format != "chat":  # a text column's value: name the column
+                skipped = f"'{example['problem_field']}' {skipped}"
+            records.append({"row": example["row"], "skipped": skipped})
         else:
             records.append(
                 {
@@ -85,7 +84,6 @@ def inspect_rows(argv: list[str], num_rows: int) -> tuple[list[dict[str, Any]], 
                     "labels": example["labels"],
                 }
             )
-    records.sort(key=lambda record: record["row"])
     return records, tokenizer
 
 
@@ -105,6 +103,47 @@ def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int], colour:
         trained = labels[boundaries[index]] != IGNORE_INDEX
         parts.append(f"{opening}{text}{closing}" if trained else text)
     return "".join(parts)
+
+
+def _prepare(args: argparse.Namespace, config_argv: list[str]) -> int:
+    from clustertune.config import FinetuneConfig, parse_config
+    from clustertune.modeling import load_model_config, load_tokenizer, model_kind
+    from clustertune.prepare import open_prepared, parse_shard, plan_sources, prepare_shard
+    from clustertune.training_data import check_data_for_model
+
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.num_proc is not None and args.num_proc < 1:
+        raise UserError(f"--num_proc={args.num_proc}: give at least 1 process.")
+    cfg = parse_config(FinetuneConfig, config_argv)
+    if not (cfg.data.train_file or cfg.data.dataset or cfg.data.mixture):
+        raise UserError("no training data: set data.train_file, data.dataset or data.mixture.")
+    kind = model_kind(load_model_config(cfg.model.name_or_path))
+    check_data_for_model(cfg.data, kind)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    sources = plan_sources(cfg, tokenizer, kind)
+    prepared = open_prepared(cfg, tokenizer, kind, sources, count=shard[1] if shard else None)
+    by_name = {source.name: source for source in sources}
+    num_proc = args.num_proc or cfg.data.num_proc
+    started, rows = time.perf_counter(), 0
+    for part in prepared.shards():
+        if shard is None or part.index == shard[0]:
+            record = prepare_shard(
+                prepared, part, by_name[part.source], tokenizer, num_proc=num_proc, log=_say
+            )
+            rows += record["rows"]
+    seconds = time.perf_counter() - started
+    present = sum(prepared.record(part) is not None for part in prepared.shards())
+    total = len(prepared.shards())
+    state = "complete" if present == total else f"{present} of {total} shards present"
+    _say(
+        f"prepared data in {prepared.root} ({state}; id {prepared.id}): {rows:,} rows here in "
+        f"{seconds:.1f} s, {rows / max(seconds, 1e-9):,.0f} rows/s on {num_proc} process(es)"
+    )
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _inspect(args: argparse.Namespace, config_argv: list[str]) -> int:
@@ -144,13 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     inspect.add_argument("--rows", type=int, default=3, help="rows to show (default 3)")
     inspect.add_argument("--json", action="store_true", help="one JSON line per row")
+    prepare = commands.add_parser(
+        "prepare",
+        help="tokenise the training data once, into the prepared data training reads",
+        description="Render, tokenise, mask and measure the train and eval splits once. "
+        "Takes the recipe's --config and --section.key=value overrides.",
+    )
+    prepare.add_argument("--num_proc", type=int, default=None, help="tokenising processes")
+    prepare.add_argument("--shard", default=None, help="I/N: prepare the I-th of N parts")
     args, config_argv = parser.parse_known_args(argv)
-    if args.rows < 1:
+    if args.command == "inspect" and args.rows < 1:
         raise UserError(f"--rows={args.rows}: give a positive number of rows.")
     import datasets
 
     import clustertune.quiet  # noqa: F401  (library warnings a user cannot act on)
 
+    if args.command == "prepare":
+        return _prepare(args, config_argv)
     datasets.disable_progress_bars()  # the rows are the output
     return _inspect(args, config_argv)
 

@@ -84,7 +84,7 @@ def _one_document_message(path: Path, opening: bytes) -> str:
     )
 
 
-def _text_problem(value: Any) -> str | None:
+def text_problem(value: Any) -> str | None:
     """Why a value cannot be a prompt or target text; None when it can."""
     if value is None:
         return "is null or missing"
@@ -130,7 +130,7 @@ def find_invalid_rows(
             (
                 (column, reason)
                 for column in required
-                if (reason := _text_problem(values[column][row])) is not None
+                if (reason := text_problem(values[column][row])) is not None
             ),
             None,
         )
@@ -138,13 +138,13 @@ def find_invalid_rows(
             cells = [(column, values[column][row]) for column in any_of]
             problem = next(
                 (
-                    (column, _text_problem(value) or "")
+                    (column, text_problem(value) or "")
                     for column, value in cells
                     if value is not None and not isinstance(value, str)
                 ),
                 None,
             )
-            if problem is None and all(_text_problem(value) for _, value in cells):
+            if problem is None and all(text_problem(value) for _, value in cells):
                 problem = ("/".join(any_of), ALL_EMPTY)
         if problem is not None:
             bad.append(row)
@@ -185,17 +185,20 @@ def refuse_or_skip_invalid_rows(
     skip: bool,
     key: str = "data.skip_invalid_rows",
     problems: str | None = None,
+    first_row: int | None = None,
 ) -> datasets.Dataset:
     """Without `skip`: one error naming the first bad row and how many there are. With it:
     the split without them, and one line on the main process saying how many were skipped.
-    `problems` says what is wrong with such rows (default: their text values)."""
+    `problems` says what is wrong with such rows (default: their text values); `first_row`:
+    the first one's row in its file, where positions in `dataset` are not (a shard of it)."""
     if invalid is None:
         return dataset
     columns = "/".join(f"'{c}'" for c in invalid.columns)
     problems = problems or f"null, missing, empty or non-text values in {columns}"
     count = f"{len(invalid.rows)} of {len(dataset)} rows"
     if not skip:
-        first = invalid.describe_first(row_location(source, invalid.rows[0]))
+        row = invalid.rows[0] if first_row is None else first_row
+        first = invalid.describe_first(row_location(source, row))
         raise UserError(
             f"{what}: '{source}' {first}; {count} have {problems}: fix the data, or set "
             f"{key}=true to skip them."
@@ -203,7 +206,7 @@ def refuse_or_skip_invalid_rows(
     if is_main_process():  # every rank loads the data; say it once
         print(f"{what}: skipped {count} of '{source}' with {problems} ({key}=true)", flush=True)
     bad = set(invalid.rows)
-    if ROW_COLUMN not in dataset.column_names:
+    if ROW_COLUMN not in dataset.column_names and "row" not in dataset.column_names:
         dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     return dataset.select([row for row in range(len(dataset)) if row not in bad])
 

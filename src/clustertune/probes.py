@@ -23,7 +23,7 @@ from clustertune.autobatch import (
     margin_applied,
 )
 from clustertune.config import FinetuneConfig
-from clustertune.data import IGNORE_INDEX, Collator
+from clustertune.data import IGNORE_INDEX, Collator, column
 from clustertune.deepspeed_config import fill_hidden_size_autos, fill_optimizer_autos
 from clustertune.distributed import all_ranks_agree
 from clustertune.modeling import build_model
@@ -116,8 +116,8 @@ def find_micro_batch(
     rows x longest <= budget; packed, one row of at most the budget."""
     train_cfg, world_size = cfg.train, runtime.world_size
     worst = {
-        "source_tokens": int(max(train_data["num_source_tokens"])),
-        "target_tokens": int(max(train_data["num_target_tokens"])),
+        "source_tokens": int(column(train_data, "num_source_tokens").max()),
+        "target_tokens": int(column(train_data, "num_target_tokens").max()),
     }
     key = cache_key(
         device=device_description(),

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from clustertune import data as data_lib
@@ -96,6 +96,8 @@ class Trainer:
     stop_flag: StopFlag
     # ------------------------------------------------------------ set in train()
     initial_eval_loss: float | None = None  # eval loss before the first step of a fresh run
+    # each source's eval loss at the last evaluate() ({"eval_loss/<name>": ...}; a mixture)
+    eval_by_source: dict[str, float] = {}
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
@@ -172,6 +174,15 @@ class Trainer:
         if self.auto_batch is not None:
             self.metrics.write(
                 {"step": self.start_step, "event": "auto_batch", **self.auto_batch.to_json()}
+            )
+        if self.data.shares:  # what each source of the mixture gave: examples and tokens
+            self.metrics.write(
+                {
+                    "step": self.start_step,
+                    "event": "mixture",
+                    "weights": cfg.data.mixture_weights,
+                    "sources": [asdict(share) for share in self.data.shares],
+                }
             )
         if cfg.train.report_to:
             self.accelerator.init_trackers("clustertune", config=flat_config(cfg))
@@ -284,14 +295,26 @@ class Trainer:
     # ------------------------------------------------------------------ train
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Exact mean token loss over the eval set. Every rank runs the same number of
-        forwards (ZeRO-3 gathers parameters collectively in each one)."""
-        eval_data = self.data.eval
-        if eval_data is None:
+        """Exact mean token loss over the eval set (with several sources, also each source's,
+        in eval_by_source). Every rank runs the same number of forwards (ZeRO-3 gathers
+        parameters collectively in each one)."""
+        if self.data.eval is None:
             return None
-        accel = self.accelerator
         self.model.eval()
-        targets = np.asarray(eval_data["num_target_tokens"])
+        parts = self.data.eval_parts or {"": self.data.eval}
+        totals = {name: self._loss_totals(split) for name, split in parts.items()}
+        self.model.train()
+        self.eval_by_source = {
+            f"eval_loss/{name}": float(total[0] / total[1])
+            for name, total in totals.items()
+            if name
+        }
+        return float(sum(t[0] for t in totals.values()) / sum(t[1] for t in totals.values()))
+
+    def _loss_totals(self, eval_data: Any) -> torch.Tensor:
+        """(token-loss sum, target tokens) of one eval split, summed over the ranks."""
+        accel = self.accelerator
+        targets = data_lib.column(eval_data, "num_target_tokens")
         totals = torch.zeros(2, device=accel.device, dtype=torch.float64)
         for indices, is_padding in eval_batches(
             self.cfg, eval_data, self.runtime, self.micro_batch_size, self.micro_batch_tokens
@@ -301,9 +324,7 @@ class Trainer:
             if not is_padding:
                 totals[0] += loss_sum.double()
                 totals[1] += int(targets[indices].sum())  # the tokens the loss sums over
-        totals = accel.reduce(totals, reduction="sum")
-        self.model.train()
-        return float(totals[0] / totals[1])
+        return accel.reduce(totals, reduction="sum")
 
     def train(self) -> None:
         cfg, accel, runtime = self.cfg, self.accelerator, self.runtime
@@ -312,7 +333,9 @@ class Trainer:
             self.initial_eval_loss = self.evaluate()
             if self.initial_eval_loss is not None:
                 runtime.log(f"eval loss before training: {self.initial_eval_loss:.4f}")
-                self.metrics.write({"step": 0, "eval_loss": self.initial_eval_loss})
+                self.metrics.write(
+                    {"step": 0, "eval_loss": self.initial_eval_loss, **self.eval_by_source}
+                )
         self.model.train()
         progress = None
         if runtime.is_main:
@@ -380,7 +403,7 @@ class Trainer:
                     "peak_memory_gib": peak_memory_gib(),
                 }
                 if eval_loss is not None:
-                    record["eval_loss"] = eval_loss
+                    record.update(eval_loss=eval_loss, **self.eval_by_source)
                 self._write_record(record, progress)
                 window = ThroughputWindow()
             stop_requested = float(stats[3]) > 0
@@ -400,7 +423,14 @@ class Trainer:
                 f"eval loss after training: {final_eval:.4f}"
                 + (f" (before: {before:.4f})" if before is not None else "")
             )
-            self.metrics.write({"step": self.total_steps, "eval_loss": final_eval, "final": True})
+            self.metrics.write(
+                {
+                    "step": self.total_steps,
+                    "eval_loss": final_eval,
+                    **self.eval_by_source,
+                    "final": True,
+                }
+            )
 
     def _write_record(self, record: dict[str, Any], progress: Any) -> None:
         self.metrics.write(record)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,10 @@ class TrainData:
     eval: Any | None  # the same for the periodic eval loss; None disables it
     collator: data_lib.Collator
     template: Any = None  # chat.ChatTemplate the rows were rendered with; None: raw text
+    # several sources with eval splits: each one's eval rows (eval_loss/<name>); else empty
+    eval_parts: dict[str, Any] = field(default_factory=dict)
+    shares: list[Any] = field(default_factory=list)  # prepare.SourceShare of a mixture
+    prepared: Any = None  # prepare.PreparedSet the rows were read from
 
     def collate(self, indices: np.ndarray, split: Any, device: Any) -> dict[str, Any]:
         """Rows `indices` of a tokenised split -> a padded (or packed) batch on `device`."""
@@ -123,6 +128,7 @@ def load_rows(data_cfg: DataConfig, source: str, split: str, what: str) -> Any:
         required_columns=[*template_fields(data_cfg.prompt_template), data_cfg.target_column],
         what=what,
         skip_invalid_rows=data_cfg.skip_invalid_rows,
+        text_columns=[],  # checked per row while tokenising (tokenize_rows)
     )
 
 
@@ -133,26 +139,42 @@ def tokenize_rows(
     data_cfg: DataConfig,
     source: str,
     what: str,
+    row_offset: int = 0,
+    num_proc: int | None = None,
+    cache_file_name: str | None = None,
 ) -> Any:
-    tokenized = data_lib.tokenize_dataset(rows, tokenizer, spec, data_cfg.num_proc)
-    if spec.format != "chat":
-        return tokenized.remove_columns(["problem", "problem_field"])
-    refuse_template_faults(tokenized, spec.template, len(rows))
+    """Tokenise a split (or a shard of it starting at `row_offset`, into `cache_file_name`),
+    then refuse its unusable rows naming the first, or skip them (data.skip_invalid_rows)."""
+    tokenized = data_lib.tokenize_dataset(
+        rows, tokenizer, spec, num_proc or data_cfg.num_proc, row_offset, cache_file_name
+    )
+    if spec.format == "chat":
+        refuse_template_faults(tokenized, spec.template, len(rows))
+        columns = {"messages": data_cfg.messages_column, "tools": data_cfg.tools_column}
+        problems = data_lib.CHAT_PROBLEMS
+    else:
+        text = [*template_fields(data_cfg.prompt_template), data_cfg.target_column]
+        columns, problems = {column: column for column in text}, None
     return data_lib.refuse_or_skip_unusable(
         tokenized,
         source=source,
         what=what,
         skip=data_cfg.skip_invalid_rows,
-        columns={"messages": data_cfg.messages_column, "tools": data_cfg.tools_column},
+        columns=columns,
+        problems=problems,
     )
 
 
 def refuse_template_faults(tokenized: Any, template: Any, num_rows: int) -> None:
     """A template that refuses every row is at fault, not the data: one line naming the
     template and its error, never "N of N rows" with advice to skip them all."""
-    problems = tokenized["problem"]
-    refused = [p for p in problems if p.startswith(chat.REFUSED_BY_TEMPLATE)]
-    if num_rows and len(refused) == num_rows:
+    positions = data_lib.problem_positions(tokenized)
+    if not num_rows or len(positions) < num_rows:
+        return
+    refused = [
+        p for p in tokenized.select(positions)["problem"] if p.startswith(chat.REFUSED_BY_TEMPLATE)
+    ]
+    if len(refused) == num_rows:
         raise UserError(
             f"the chat template ({template.origin}) fails on every row: "
             f"{refused[0][len(chat.REFUSED_BY_TEMPLATE) + 2 : -1]}; fix the template"
@@ -161,33 +183,28 @@ def refuse_template_faults(tokenized: Any, template: Any, num_rows: int) -> None
 
 
 def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) -> TrainData:
-    """Load and tokenise the training (and eval-loss) split; rank 0 first, the others read
-    the datasets cache. Refuses a training set smaller than one global batch."""
-    data_cfg = cfg.data
-    spec = tokenize_spec(
-        data_cfg, runtime.kind, tokenizer, cfg.model.name_or_path, cfg.peft.method == "none"
-    )
-    train_source = data_cfg.train_file or data_cfg.dataset
-    eval_source = data_cfg.eval_file or (
-        data_cfg.dataset if data_cfg.dataset and not data_cfg.train_file else None
-    )
+    """The training (and eval-loss) rows, read memory-mapped from the prepared data of this
+    config's fingerprint (clustertune-data prepare); what is not prepared yet is prepared here
+    first. Ranks wait for a shard on its file lock, never in a collective, so no process-group
+    timeout can end a run while its data is prepared. Refuses a training set smaller than one
+    global batch."""
+    from clustertune.prepare import ensure_prepared, load_prepared, open_prepared, plan_sources
 
-    def what(key: str) -> str:  # the setting that named the source
-        return key if getattr(data_cfg, key.split(".")[1]) else "data.dataset"
-
+    sources = plan_sources(cfg, tokenizer, runtime.kind)
+    spec = sources[0].spec
     if spec.template is not None:
         runtime.log(spec.template.describe())
-    with runtime.main_process_first():  # rank 0 tokenises and caches; the others read it
-        train_what = what("data.train_file")
-        train_rows = load_rows(data_cfg, train_source, data_cfg.train_split, train_what)
-        train = tokenize_rows(train_rows, tokenizer, spec, data_cfg, train_source, train_what)
-        evaluation = None
-        if eval_source:
-            eval_what = what("data.eval_file")
-            eval_rows = load_rows(data_cfg, eval_source, data_cfg.eval_split, eval_what)
-            if data_cfg.max_eval_examples:
-                eval_rows = eval_rows.select(range(min(data_cfg.max_eval_examples, len(eval_rows))))
-            evaluation = tokenize_rows(eval_rows, tokenizer, spec, data_cfg, eval_source, eval_what)
+    prepared = open_prepared(cfg, tokenizer, runtime.kind, sources)
+    started = time.perf_counter()
+    ensure_prepared(prepared, sources, tokenizer, num_proc=cfg.data.num_proc, log=runtime.log)
+    loaded = load_prepared(prepared, sources, cfg)
+    runtime.log(
+        f"prepared data: {prepared.root} ({len(loaded.train):,} training examples, read "
+        f"memory-mapped; {time.perf_counter() - started:.1f} s)"
+    )
+    train, evaluation = loaded.train, loaded.eval
+    for share in loaded.shares:
+        runtime.log(f"mixture: {share.describe(cfg.data.mixture_weights)}")
     if len(train) < cfg.train.global_batch_size:
         raise UserError(
             f"the training data has {len(train)} examples, fewer than "
@@ -201,15 +218,23 @@ def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) ->
         decoder_start = getattr(runtime.model_config, "decoder_start_token_id", None)
         if decoder_start is None:
             decoder_start = tokenizer.pad_token_id
-    collator = data_lib.Collator(tokenizer.pad_token_id, decoder_start, packing=data_cfg.packing)
-    return TrainData(train=train, eval=evaluation, collator=collator, template=spec.template)
+    collator = data_lib.Collator(tokenizer.pad_token_id, decoder_start, packing=cfg.data.packing)
+    return TrainData(
+        train=train,
+        eval=evaluation,
+        collator=collator,
+        template=spec.template,
+        eval_parts=loaded.eval_parts if len(loaded.eval_parts) > 1 else {},
+        shares=loaded.shares,
+        prepared=prepared,
+    )
 
 
 def _lengths(split: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(untrained/encoder, trained tokens, input row tokens, decoder tokens or None) per row:
     a causal row holds the whole text, a seq2seq row the encoder side only."""
-    sources = np.asarray(split["num_source_tokens"])
-    targets = np.asarray(split["num_target_tokens"])
+    sources = data_lib.column(split, "num_source_tokens").astype(np.int64)
+    targets = data_lib.column(split, "num_target_tokens").astype(np.int64)
     if kind == "seq2seq":
         return sources, targets, sources, targets
     return sources, targets, sources + targets, None

@@ -36,6 +36,9 @@ DataFormat = Literal["text", "chat"]
 TrainOn = Literal["assistant", "last_assistant", "all"]
 
 
+MixtureWeights = Literal["examples", "tokens"]
+
+
 def _literal_choices(hint: Any) -> tuple[tuple[Any, ...], bool] | None:
     """(choices, a number is allowed too) for `Literal[...]` and `int | Literal[...]` hints."""
     if get_origin(hint) is Literal:
@@ -53,6 +56,8 @@ def check_choice(key: str, value: Any, hint: Any) -> None:
     if allowed is None:
         return
     choices, number_ok = allowed
+    if value is None and type(None) in get_args(hint):
+        return  # an optional choice left unset
     if value in choices or (number_ok and isinstance(value, int) and not isinstance(value, bool)):
         return
     if number_ok and isinstance(value, str) and value.strip().lstrip("-").isdigit():

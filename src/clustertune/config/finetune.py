@@ -3,7 +3,8 @@ field with the comment `--help` shows, each section checking its own values."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 from clustertune.config.checks import (
@@ -11,6 +12,7 @@ from clustertune.config.checks import (
     Auto,
     DataFormat,
     LrSchedule,
+    MixtureWeights,
     PeftMethod,
     Precision,
     TrainOn,
@@ -45,6 +47,72 @@ class ModelConfig(Validated):
     def validate(self) -> None:
         if self.dropout is not None:
             in_range("model.dropout", self.dropout, 0, 1, example=0.1)
+
+
+# The data settings that change what a row becomes (or whether it is kept), besides the
+# run's chat template: each source of a mixture may set its own.
+TOKEN_SETTINGS = (
+    "format",
+    "messages_column",
+    "tools_column",
+    "use_chat_template",
+    "train_on",
+    "max_length",
+    "source_column",
+    "target_column",
+    "prompt_template",
+    "max_source_length",
+    "max_target_length",
+    "skip_invalid_rows",
+)
+# The data settings a mixture source may set for itself (unset: the data section's value).
+MIXTURE_SOURCE_KEYS = (
+    "train_file",
+    "eval_file",
+    "dataset",
+    "train_split",
+    "eval_split",
+    *TOKEN_SETTINGS,
+)
+
+
+@dataclass
+class MixtureSource(Validated):
+    """One source of a weighted mixture: its data and the settings it does not share."""
+
+    SECTION: ClassVar[str] = "data.mixture[]"
+
+    # Its name in logs, metrics (eval_loss/<name>) and the prepared data; unset: the file's
+    # stem or the dataset id.
+    name: str | None = None
+    # Its share of the mixture (of examples or tokens: data.mixture_weights), relative to the
+    # other sources' weights; more than its size over-samples it.
+    weight: float = 1.0
+    train_file: str | None = None
+    eval_file: str | None = None
+    dataset: str | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+    format: DataFormat | None = None
+    messages_column: str | None = None
+    tools_column: str | None = None
+    use_chat_template: bool | None = None
+    train_on: TrainOn | None = None
+    max_length: int | None = None
+    source_column: str | None = None
+    target_column: str | None = None
+    prompt_template: str | None = None
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    skip_invalid_rows: bool | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.train_file:
+            return Path(self.train_file).stem
+        return str(self.dataset or "source").replace("/", "_")
 
 
 @dataclass
@@ -109,6 +177,20 @@ class DataConfig(Validated):
     # Rows whose text (prompt columns, target) is null, missing, empty or not a string:
     # false refuses the data naming the first such row; true skips them and says how many.
     skip_invalid_rows: bool = False
+    # Where the prepared (tokenised) data lives: `clustertune-data prepare` writes it and
+    # training reads it memory-mapped, never tokenising again; empty: a folder keyed by the
+    # data's fingerprint under $CLUSTERTUNE_CACHE/prepared (~/.cache/clustertune/prepared).
+    prepared_dir: str = ""
+    # A weighted mixture of sources instead of train_file / dataset: a list of {name, weight,
+    # train_file or dataset, eval_file, ...} (each may set its own format, columns, prompt and
+    # template use; unset keys are the data section's). Drawn once from the seed: the same
+    # examples whatever the cluster shape.
+    mixture: list[MixtureSource] = field(default_factory=list)
+    # What the weights share out: examples, or tokens (each source's examples drawn until its
+    # share of the tokens is reached).
+    mixture_weights: MixtureWeights = "examples"
+    # Examples in the mixed training set per epoch; 0: as many as the sources hold together.
+    mixture_examples: int = 0
 
     def validate(self) -> None:
         if self.format == "text":  # a chat dataset has no prompt or source column
@@ -131,6 +213,48 @@ class DataConfig(Validated):
             )
         at_least("data.length_group_size", self.length_group_size, 1)
         at_least("data.num_proc", self.num_proc, 1)
+        at_least("data.mixture_examples", self.mixture_examples, 0, "0: the sources' total")
+        self._check_mixture()
+
+    def _check_mixture(self) -> None:
+        if not self.mixture:
+            return
+        if self.train_file or self.dataset:
+            raise UserError(
+                "data.mixture lists the training sources; remove data.train_file / data.dataset "
+                "(put each file in a data.mixture entry)."
+            )
+        names = []
+        for index, source in enumerate(self.mixture):
+            key = f"data.mixture[{index}]"
+            if not source.weight > 0:
+                raise UserError(
+                    f"{key}.weight={source.weight} must be positive (it is a share of the "
+                    "mixture); remove the source instead of giving it no weight."
+                )
+            if not (source.train_file or source.dataset):
+                raise UserError(f"{key} names no data: set its train_file or dataset.")
+            names.append(source.label)
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise UserError(
+                f"data.mixture: two sources are named '{duplicates[0]}'; give each a distinct name."
+            )
+
+    def source_configs(self) -> list[tuple[str, float, DataConfig]]:
+        """(name, weight, its data settings) of each training source: the mixture's, or this
+        section's own data as the one source "data"."""
+        if not self.mixture:
+            return [("data", 1.0, self)]
+        out = []
+        for source in self.mixture:
+            values = {k: getattr(source, k) for k in MIXTURE_SOURCE_KEYS}
+            own = {k: v for k, v in values.items() if v is not None}
+            merged = replace(self, mixture=[], **own)
+            if source.train_file or source.dataset:  # the other way of naming data is unset
+                merged = replace(merged, train_file=source.train_file, dataset=source.dataset)
+            out.append((source.label, source.weight, merged))
+        return out
 
 
 @dataclass

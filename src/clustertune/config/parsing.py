@@ -113,6 +113,42 @@ def _check_list_values(cls: type, values: dict[str, Any], where: str) -> None:
             raise UserError(f"{key}={value!r} in {where} is not a list; write {fix}")
 
 
+def _check_list_items(cls: type, values: dict[str, Any], where: str) -> None:
+    """Keys of the items of a list of sections (data.mixture): each known to the item's
+    dataclass, or one line naming the item and the nearest key."""
+    hints = _leaf_hints(cls)
+    for key, value in values.items():
+        item_type = typing.get_args(hints.get(key))[:1]
+        if get_origin(hints.get(key)) is not list or not dataclasses.is_dataclass(
+            item_type[0] if item_type else None
+        ):
+            continue
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue  # draccus reports it
+        if not isinstance(value, list):
+            continue
+        valid = [f.name for f in dataclasses.fields(item_type[0])]
+        item_hints = typing.get_type_hints(item_type[0])
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise UserError(f"{key}[{index}] in {where} is not a mapping of keys to values.")
+            for name in item:
+                if name not in valid:
+                    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+                    hint = (
+                        f"did you mean '{key}[{index}].{close[0]}'?"
+                        if close
+                        else (f"its keys are {', '.join(valid)}.")
+                    )
+                    raise UserError(
+                        f"unknown config key '{key}[{index}].{name}' in {where}; {hint}"
+                    )
+                check_choice(f"{key}[{index}].{name}", item[name], item_hints[name])
+
+
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
@@ -182,6 +218,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
     _check_choices(cls, _override_values(overrides))
     _check_list_values(cls, file_values, f"config file '{config_path}'")
     _check_list_values(cls, _override_values(overrides), "the command line")
+    _check_list_items(cls, file_values, f"config file '{config_path}'")
+    _check_list_items(cls, _override_values(overrides), "the command line")
     overrides = _quote_string_values(cls, overrides)
     try:
         return draccus.parse(cls, config_path=config_path, args=overrides)

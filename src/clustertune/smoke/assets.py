@@ -10,17 +10,15 @@ are imported inside the builders, so the cached path stays fast.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import string
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clustertune.atomicio import read_jsonl
+from clustertune.atomicio import file_lock, read_jsonl
 from clustertune.smoke.agents import ensure_agent_data
 from clustertune.smoke.chats import ensure_chat_data
 from clustertune.smoke.dialogues import ensure_smoke_data
@@ -301,17 +299,6 @@ def _is_current(folder: Path) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == SMOKE_VERSION
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Serialise builders across processes (ranks, parallel test workers) on one cache."""
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def _publish(build_dir: Path, final: Path) -> None:
     """Stamp a finished build and rename it into place, replacing a stale folder if any."""
     (build_dir / _STAMP_FILE).write_text(SMOKE_VERSION + "\n")
@@ -373,7 +360,7 @@ def ensure_smoke_assets(cache_dir: Path | None = None) -> dict[str, Path]:
         return paths
 
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / ".lock"):
+    with file_lock(root / ".lock"):  # builders on one cache: ranks, test workers
         tokenizers: dict[str, PreTrainedTokenizerFast] = {}
         for key, folder in folders.items():  # data first: the tokenizer is trained on it
             if _is_current(folder):

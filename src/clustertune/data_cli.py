@@ -12,7 +12,8 @@ SLURM array tasks or nodes share the work; the set is complete once every part i
 examples are the same, in the same order, whatever N). A finished shard is kept; a killed one
 is made again on the next run.
 
-`inspect` renders the first N rows of the training data exactly as the training run would
+`inspect` renders the first N rows of the training data (of a mixture: its first source)
+exactly as the training run would
 (the same config parsing, template resolution, tokenisation and masks: training_data.py) and
 shows what the loss is taken on: in a terminal, the text with the trained spans highlighted;
 with --json, one line per row, `{"row": i, "input_ids": [...], "labels": [...]}` (`i` the
@@ -51,9 +52,11 @@ def inspect_rows(argv: list[str], num_rows: int) -> tuple[list[dict[str, Any]], 
     )
 
     cfg = parse_config(FinetuneConfig, argv)
-    data_cfg = cfg.data
-    if not (data_cfg.train_file or data_cfg.dataset):
-        raise UserError("no training data: set data.train_file (a file or hub id) or data.dataset.")
+    if not (cfg.data.train_file or cfg.data.dataset or cfg.data.mixture):
+        raise UserError("no training data: set data.train_file, data.dataset or data.mixture.")
+    name, _, data_cfg = cfg.data.source_configs()[0]  # a mixture: its first source
+    if cfg.data.mixture:
+        print(f"inspect: the first rows of mixture source '{name}'", file=sys.stderr)
     kind = model_kind(load_model_config(cfg.model.name_or_path))
     check_data_for_model(data_cfg, kind)
     tokenizer = load_tokenizer(cfg.model.name_or_path)

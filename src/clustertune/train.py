@@ -209,9 +209,10 @@ class Trainer:
                 f"resume='{cfg.resume}' is not a complete checkpoint folder; "
                 "use auto, never, or a checkpoints/step_N path."
             )
-        if not (cfg.data.train_file or cfg.data.dataset):
+        if not (cfg.data.train_file or cfg.data.dataset or cfg.data.mixture):
             raise UserError(
-                "no training data: set data.train_file (a file or hub id) or data.dataset."
+                "no training data: set data.train_file (a file or hub id), data.dataset or "
+                "data.mixture."
             )
         # before Runtime.resolve, which creates output_dir: a refusal leaves nothing behind
         check_data_for_model(cfg.data, model_kind(load_model_config(cfg.model.name_or_path)))

@@ -182,6 +182,10 @@ def refuse_template_faults(tokenized: Any, template: Any, num_rows: int) -> None
         )
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) -> TrainData:
     """The training (and eval-loss) rows, read memory-mapped from the prepared data of this
     config's fingerprint (clustertune-data prepare); what is not prepared yet is prepared here
@@ -196,7 +200,8 @@ def load_training_data(cfg: FinetuneConfig, runtime: Runtime, tokenizer: Any) ->
         runtime.log(spec.template.describe())
     prepared = open_prepared(cfg, tokenizer, runtime.kind, sources)
     started = time.perf_counter()
-    ensure_prepared(prepared, sources, tokenizer, num_proc=cfg.data.num_proc, log=runtime.log)
+    # whichever rank prepares a shard says so (exactly one per shard, by its lock)
+    ensure_prepared(prepared, sources, tokenizer, num_proc=cfg.data.num_proc, log=_say)
     loaded = load_prepared(prepared, sources, cfg)
     runtime.log(
         f"prepared data: {prepared.root} ({len(loaded.train):,} training examples, read "

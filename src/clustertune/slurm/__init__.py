@@ -1,7 +1,8 @@
 """SLURM support: run a recipe on N nodes, one task per node, each running clustertune-launch.
 
 Where things live:
-- settings.py   `SlurmSettings`, the keys of slurm/*.yaml: loading, overrides, value checks.
+- settings.py   `SlurmSettings`, the keys of slurm/*.yaml: loading, overrides, value checks
+                (SLURM's time formats, no control characters in what reaches the sbatch script).
 - env.py        SLURM's variables -> this node's rank, node count and rendezvous address/port.
 - node.py       the per-node command (`python -m clustertune.slurm.node`, also used by
                 slurm/train.sbatch and slurm/evaluate.sbatch).

@@ -1,6 +1,7 @@
 """The launch as the processes see it (world size, the DeepSpeed JSON named by the launch
 file), the process group, the Accelerator, and the two ways an optimizer step is driven.
-The DeepSpeed JSON itself is clustertune.deepspeed_config (filling) and deepspeed_check."""
+The DeepSpeed JSON itself is clustertune.deepspeed_config (filling) and deepspeed_check,
+which build on this module (never the other way round)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,12 @@ def warn_stale_extension_locks() -> None:
 
 
 def build_accelerator(
-    *, ds_config: dict | None, dtype: str, project_dir: str, report_to: list[str]
+    *,
+    ds_config: dict | None,
+    dtype: str,
+    project_dir: str,
+    report_to: list[str],
+    zero3_init: bool = False,
 ) -> Any:
     """Create the Accelerator for this launch, correct on GPU and on CPU-only machines.
 
@@ -134,11 +140,9 @@ def build_accelerator(
     )
     init_process_state(use_deepspeed=ds_config is not None)
     if ds_config is not None:
-        # Under ZeRO-3 the plugin's HfDeepSpeedConfig makes from_pretrained build the model
-        # already partitioned (zero.Init); modeling.build_model opts out where that is wrong.
-        from clustertune.deepspeed_config import zero_stage  # (it imports this module)
-
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage(ds_config) == 3)
+        # zero3_init (ZeRO-3): the plugin's HfDeepSpeedConfig makes from_pretrained build the
+        # model already partitioned (zero.Init); modeling.build_model opts out where that is wrong.
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero3_init)
         kwargs["deepspeed_plugin"] = plugin
         kwargs["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
     elif not has_cuda and launched_world_size() > 1:

@@ -139,6 +139,7 @@ class Runtime:
                 dtype=self.dtype,
                 project_dir=str(self.output_dir),
                 report_to=report_to,
+                zero3_init=zero_stage(ds_config) == 3,
             )
         return self.accelerator
 

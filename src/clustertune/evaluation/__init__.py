@@ -14,6 +14,7 @@ Where things live:
                 merging the predictions gathered from all ranks;
 - evaluator.py  the `Evaluator` lifecycle: accelerator, model (LoRA merged), batch_size auto,
                 distributed generate, save;
+- adapter_keys.py  the keys that choose many adapters (model.adapter_paths), their folder names;
 - adapters.py   many LoRA adapters of one base in one job (model.adapter_paths): loaded
                 beside the base with peft's multi-adapter API, switched per system;
 - report.py     per-example scores (predictions.jsonl) and the report (rouge.json);
@@ -33,7 +34,8 @@ Why the result is the same for 1, 2 or N ranks:
   pass gathers parameters collectively: a rank that stopped early would hang the others.
 """
 
-from clustertune.evaluation.adapters import System, default_names
+from clustertune.evaluation.adapter_keys import default_names
+from clustertune.evaluation.adapters import System
 from clustertune.evaluation.compare import (
     compare_main,
     compare_runs,

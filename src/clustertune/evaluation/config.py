@@ -40,7 +40,7 @@ from clustertune.config import (
 )
 from clustertune.config.checks import DataFormat
 from clustertune.errors import UserError
-from clustertune.evaluation.adapters import check_adapter_keys, check_names, default_names
+from clustertune.evaluation.adapter_keys import check_adapter_keys, check_names, default_names
 from clustertune.evaluation.settings import (  # noqa: F401  (re-exported: the config's sections)
     GenerationSettings,
     HeadlineProtocol,

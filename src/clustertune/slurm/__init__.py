@@ -9,8 +9,8 @@ Where things live:
 - job.py        the submitit job (`LaunchJob`), signal forwarding, and the requeue decision
                 after a stop with a checkpoint (its docstring walks through the signal path).
 - requeue.py    that decision for slurm/train.sbatch (`python -m clustertune.slurm.requeue`).
-- preflight.py  checks before submitting (-> a `SubmissionPlan`), and the --dry-run text.
-- submit.py     sbatch parameters, the submitit executor, submission, --wait.
+- preflight.py  checks before submitting (-> a `SubmissionPlan`).
+- submit.py     sbatch parameters, the submitit executor, submission, --wait, the --dry-run text.
 - cli.py        `clustertune-submit` (argparse `main`; also `python slurm/submit.py`).
 The stop/requeue protocol itself (signals, exit code 75) is clustertune.stop.
 """

@@ -12,10 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clustertune.errors import UserError
+from clustertune.run_folder import (
+    AUTO_BATCH_FILE,
+    COMPARISON_MD,
+    COMPARISON_PNG,
+    CONFIG_FILE,
+    FINAL_DIR,
+)
 
 BASE_NAME = "base"  # model.include_base: the base model's folder and label
 # Files a multi-adapter job writes into output_dir itself: no adapter folder may take a name.
-_TOP_LEVEL_FILES = ("config.yaml", "auto_batch.json", "comparison.md", "comparison.png")
+_TOP_LEVEL_FILES = (CONFIG_FILE, AUTO_BATCH_FILE, COMPARISON_MD, COMPARISON_PNG)
 
 
 def check_adapter_keys(
@@ -55,7 +62,7 @@ def default_names(adapter_paths: Sequence[str]) -> list[str]:
     names = []
     for path in adapter_paths:
         folder = Path(path).expanduser().resolve()
-        names.append(folder.parent.name if folder.name == "final" else folder.name)
+        names.append(folder.parent.name if folder.name == FINAL_DIR else folder.name)
     return names
 
 

@@ -27,10 +27,11 @@ import numpy as np
 from clustertune import rouge
 from clustertune.atomicio import atomic_path, write_text_atomic
 from clustertune.errors import UserError
+from clustertune.run_folder import EvalFolder
 
 
 def load_report(eval_dir: str | Path) -> dict[str, Any]:
-    path = Path(eval_dir) / "rouge.json"
+    path = EvalFolder(Path(eval_dir)).rouge
     if not path.is_file():
         raise UserError(f"--compare: '{eval_dir}' has no rouge.json; give evaluation output_dirs.")
     try:
@@ -112,7 +113,7 @@ def comparison_table(reports: Sequence[Mapping[str, Any]], labels: Sequence[str]
 def load_example_scores(eval_dir: str | Path, protocol: str) -> dict[str, dict[str, float]] | None:
     """{example id: {metric: F}} under `protocol`, from predictions.jsonl (None: no such file,
     e.g. a folder that only holds a rouge.json). The scores there are rounded to 4 decimals."""
-    path = Path(eval_dir) / "predictions.jsonl"
+    path = EvalFolder(Path(eval_dir)).predictions
     if not path.is_file():
         return None
     scores: dict[str, dict[str, float]] = {}
@@ -331,8 +332,8 @@ def compare_runs(
             "",
         ]
     )
-    write_text_atomic(out / "comparison.md", markdown)
-    plot_comparison(reports, labels, out / "comparison.png")
+    write_text_atomic(EvalFolder(out).comparison_md, markdown)
+    plot_comparison(reports, labels, EvalFolder(out).comparison_png)
     printed = [table]
     if paired_note:
         printed += ["", paired_note]
@@ -411,6 +412,7 @@ def compare_main(argv: Sequence[str], prog: str, dirs_option: str | None = None)
     text = compare_runs(
         args.eval_dirs, labels, args.out, num_bootstrap=args.num_bootstrap, seed=args.seed
     )
+    out = EvalFolder(Path(args.out))
     print(text, flush=True)
-    print(f"wrote {args.out}/comparison.md and {args.out}/comparison.png", flush=True)
+    print(f"wrote {out.comparison_md} and {out.comparison_png}", flush=True)
     return 0

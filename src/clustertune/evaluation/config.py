@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from clustertune.checkpoint import MARKER as CHECKPOINT_MARKER
 from clustertune.config import (
     SEED_PROMPT,
     Auto,
@@ -47,11 +46,14 @@ from clustertune.evaluation.settings import (  # noqa: F401  (re-exported: the c
     RougeSettings,
     generate_kwargs,
 )
-from clustertune.run_identity import (
+from clustertune.run_folder import (
+    CHECKPOINT_MARKER,
+    EVAL_DIR,
     FINAL_MARKER,
-    FINAL_PROMPT_KEYS,
+    RunFolder,
     training_run_evidence,
 )
+from clustertune.run_identity import FINAL_PROMPT_KEYS
 
 # The training defaults that eval defaults repeat are read from here, not written again.
 _TRAINING = FinetuneConfig()
@@ -257,7 +259,7 @@ def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
     if settings["base_model"] is None:
         settings["base_model"] = _NOT_RECORDED
     if any(value is _NOT_RECORDED for value in settings.values()):
-        config_file = run / "config.yaml"
+        config_file = RunFolder(run).config
         if not config_file.is_file():
             raise UserError(
                 f"run_dir: '{run}' has no config.yaml and its final/{FINAL_MARKER} does not "
@@ -280,7 +282,7 @@ def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
 def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
     """Take the model and (where unset) the prompt settings from a finished training run."""
     run = Path(cfg.run_dir).expanduser()
-    config_file, final = run / "config.yaml", run / "final"
+    config_file, final = RunFolder(run).config, RunFolder(run).final
     if not run.is_dir():
         raise UserError(
             f"run_dir: '{cfg.run_dir}' does not exist; give a training output_dir (config.yaml, final/)."
@@ -353,7 +355,7 @@ def _check_output_dir(cfg: EvaluateConfig) -> None:
     raise UserError(
         f"output_dir '{cfg.output_dir}' holds a training run's files ({', '.join(evidence)}), "
         "which evaluation would write over; give the evaluation its own folder, e.g. "
-        f"--output_dir={run / 'eval'}."
+        f"--output_dir={run / EVAL_DIR}."
     )
 
 

@@ -22,6 +22,7 @@ from clustertune.atomicio import write_text_atomic
 from clustertune.autobatch import SearchResult
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.evalset import EvalSet
+from clustertune.run_folder import EvalFolder
 
 
 def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
@@ -128,5 +129,6 @@ def write_outputs(
     """predictions.jsonl, then rouge.json, each atomically. The per-example scores use the
     report's stemmer setting, so they average to its means."""
     lines = prediction_lines(eval_set, predictions, use_stemmer=report.get("use_stemmer", True))
-    write_text_atomic(output_dir / "predictions.jsonl", "\n".join(lines) + "\n")
-    write_text_atomic(output_dir / "rouge.json", json.dumps(report, indent=2) + "\n")
+    folder = EvalFolder(output_dir)
+    write_text_atomic(folder.predictions, "\n".join(lines) + "\n")
+    write_text_atomic(folder.rouge, json.dumps(report, indent=2) + "\n")

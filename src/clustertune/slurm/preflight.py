@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from clustertune.checkpoint import latest_checkpoint
 from clustertune.config import FinetuneConfig, load_yaml_mapping, parse_config
 from clustertune.deepspeed_config import load_deepspeed_json, zero_stage
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.config import _check_values as check_resolved_values
 from clustertune.reshard import resume_plan
+from clustertune.run_folder import CHECKPOINT_MARKER, EVAL_DIR, RunFolder
 from clustertune.run_identity import FINAL_PROMPT_KEYS
 from clustertune.sampler import check_batch_arithmetic
 from clustertune.slurm.job import LaunchJob
@@ -200,9 +200,11 @@ def _resume_note(
     if cfg.resume == "never":
         return None
     checkpoint = (
-        latest_checkpoint(output_dir) if cfg.resume == "auto" else (workdir / cfg.resume).resolve()
+        RunFolder(output_dir).latest_complete()
+        if cfg.resume == "auto"
+        else (workdir / cfg.resume).resolve()
     )
-    if checkpoint is None or not (checkpoint / "COMPLETE.json").is_file():
+    if checkpoint is None or not (checkpoint / CHECKPOINT_MARKER).is_file():
         return None
     ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
     stage = zero_stage(load_deepspeed_json(str(workdir / ds_file))) if ds_file else 0
@@ -320,7 +322,7 @@ def preflight(
             EVALUATE_RECIPE,
             *(("--config", eval_config) if eval_config else ()),
             f"--run_dir={output_dir}",
-            f"--output_dir={output_dir / 'eval'}",
+            f"--output_dir={output_dir / EVAL_DIR}",
         )
         _check_evaluation(eval_argv, eval_config, cfg, workdir, job_env)
         evaluate = dataclasses.replace(

@@ -14,7 +14,9 @@ the checkpoint's own universal/ folder as DEST it fills the cache a resume would
 are gathered by DeepSpeed's zero_to_fp32 (get_fp32_state_dict_from_zero_checkpoint); a DDP
 checkpoint already holds them whole. Weights only: the optimizer state stays in the checkpoint.
 
-Both read only a checkpoint whose files verify against its COMPLETE.json.
+Both read only a checkpoint whose files verify against its COMPLETE.json, and write only to a
+new folder outside every run's checkpoints and final/ (which a run prunes or replaces); the one
+exception is `convert` into the checkpoint's own universal/ cache.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from clustertune.run_folder import (
     DEEPSPEED_TAG,
     TRAINABLE_FILE,
     TRAINER_STATE,
+    UNIVERSAL_DIR,
     UNIVERSAL_MARKER,
     checkpoint_damage,
+    inside_run_part,
 )
 
 CONSOLIDATED_MARKER = "clustertune_consolidated.json"
@@ -59,20 +63,28 @@ def _checked_checkpoint(path: Path) -> Path:
 
 
 def _free_destination(dest: Path) -> None:
+    """A new folder, outside every part of a training run that the run prunes or replaces."""
     if dest.exists():
         raise UserError(f"destination '{dest}' already exists; give a new folder.")
+    where = inside_run_part(dest)
+    if where is not None:
+        raise UserError(
+            f"destination '{dest}' is {where}, which the run prunes or replaces; give a "
+            "folder outside the run's checkpoints/ and final/, e.g. beside the run folder."
+        )
 
 
 def convert(checkpoint: Path, dest: Path, workers: int) -> str:
     checkpoint = _checked_checkpoint(checkpoint)
+    own_cache = dest.resolve() == (checkpoint / UNIVERSAL_DIR).resolve()
+    if not own_cache and not (dest.exists() and (dest / UNIVERSAL_MARKER).is_file()):
+        _free_destination(dest)
     saved = saved_layout(checkpoint)
     if not saved.is_deepspeed:
         raise UserError(
             f"the checkpoint in {checkpoint} was made by {saved.label}: it holds the whole state "
             "in one file and resumes on any world size as it is; `consolidate` writes its weights."
         )
-    if dest.exists() and not (dest / UNIVERSAL_MARKER).is_file():
-        _free_destination(dest)
     result = convert_to_universal(checkpoint, dest, workers=workers)
     done = "converted" if result.converted_now else "already converted"
     return (

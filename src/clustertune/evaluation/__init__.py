@@ -7,6 +7,8 @@ Where things live:
 - config.py     `EvaluateConfig` and its sections, value checks, and resolution of unset
                 keys from a training run_dir or an adapter (`resolve_config`);
 - settings.py   its generation and rouge sections, and `generate_kwargs`;
+- output_dir.py where an evaluation may write: not in a training run, not over results of
+                other settings (unless overwrite=true);
 - prompts.py    how a row becomes a prompt as training rendered it: raw text, text as the
                 user turn of the chat template, or a conversation up to its last assistant
                 turn; the tokens generation stops at (end-of-turn, EOS);

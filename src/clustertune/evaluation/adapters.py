@@ -125,4 +125,5 @@ def write_comparison(systems: Sequence[System], output_dir: Path) -> str:
         [str(s.output_dir) for s in systems],
         [str(s.name) for s in systems],
         output_dir,
+        checked_out=False,
     )

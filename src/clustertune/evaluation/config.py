@@ -34,25 +34,21 @@ from clustertune.config import (
     check_choice,
     check_prompt_template,
     check_source_placeholder,
+    config_to_yaml,
     in_range,
     parse_config,
 )
 from clustertune.config.checks import DataFormat
 from clustertune.errors import UserError
 from clustertune.evaluation.adapter_keys import check_adapter_keys, check_names, default_names
+from clustertune.evaluation.output_dir import check_earlier_results, check_not_in_a_run
 from clustertune.evaluation.settings import (  # noqa: F401  (re-exported: the config's sections)
     GenerationSettings,
     HeadlineProtocol,
     RougeSettings,
     generate_kwargs,
 )
-from clustertune.run_folder import (
-    CHECKPOINT_MARKER,
-    EVAL_DIR,
-    FINAL_MARKER,
-    RunFolder,
-    training_run_evidence,
-)
+from clustertune.run_folder import FINAL_MARKER, RunFolder
 from clustertune.run_identity import FINAL_PROMPT_KEYS
 
 # The training defaults that eval defaults repeat are read from here, not written again.
@@ -180,6 +176,9 @@ class EvaluateConfig(Validated):
     sort_by_length: bool = True
     # Bootstrap resamples for the 95 percent confidence intervals (1000: ~0.1 s per 1,000 examples).
     num_bootstrap: int = 1000
+    # Replace the results of an earlier evaluation in output_dir that was made with other
+    # settings (false: refused, naming the settings that differ; the same settings: replaced).
+    overwrite: bool = False
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -338,32 +337,11 @@ def _adapter_set(model: EvalModelConfig) -> tuple[EvalModelConfig, str]:
     return replace(model, adapter_names=list(names)), bases[0]
 
 
-def _check_output_dir(cfg: EvaluateConfig) -> None:
-    """Evaluation writes config.yaml, predictions.jsonl and rouge.json: never into a training
-    run's folder, whose config.yaml is that run's single source of truth."""
-    output_dir = Path(cfg.output_dir).expanduser()
-    evidence = training_run_evidence(output_dir)
-    if not evidence:
-        return
-    # A run's final/ or checkpoints/step_N is replaced or pruned by the run: suggest a folder
-    # beside them, in the run's folder.
-    run = output_dir
-    if FINAL_MARKER in evidence:
-        run = output_dir.parent
-    elif CHECKPOINT_MARKER in evidence:
-        run = output_dir.parent.parent
-    raise UserError(
-        f"output_dir '{cfg.output_dir}' holds a training run's files ({', '.join(evidence)}), "
-        "which evaluation would write over; give the evaluation its own folder, e.g. "
-        f"--output_dir={run / EVAL_DIR}."
-    )
-
-
 def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
     """Fill every unset key (from run_dir, the adapter, or the defaults) and check the inputs
     that need no model and no process group. Returns the resolved config and notes to print."""
     notes: list[str] = []
-    _check_output_dir(cfg)
+    check_not_in_a_run(cfg.output_dir)
     if cfg.run_dir is not None:
         previous = cfg.model.name_or_path
         cfg = _from_run_dir(cfg)
@@ -401,7 +379,15 @@ def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
         model = replace(model, tokenizer=model.adapter_path if saved else model.name_or_path)
     cfg = replace(cfg, model=model, data=_data_defaults(cfg.data))
     _check_values(cfg)
+    check_earlier_results(cfg.output_dir, settings_of(cfg), overwrite=cfg.overwrite)
     return cfg, notes
+
+
+def settings_of(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The resolved config as its config.yaml records it."""
+    import yaml
+
+    return yaml.safe_load(config_to_yaml(cfg))
 
 
 def _data_defaults(data_cfg: EvalDataConfig) -> EvalDataConfig:

@@ -1,7 +1,7 @@
 """The run folder's questions without training: checkpoint markers and their verification, the
-newest usable checkpoint, what pruning may remove, which paths lie inside a run, and the space
+newest usable checkpoint, what pruning may remove, which paths lie inside a run, the space
 and permission checks (on a real full or read-only tmpfs where this machine lets us mount
-one)."""
+one), and the optimizer settings a resume keeps."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clustertune.checkpoint import launch_optimizer_settings
 from clustertune.errors import UserError
 from clustertune.plan import ParamCounts, output_sizes
 from clustertune.run_folder import (
@@ -278,3 +279,25 @@ def test_torch_save_on_a_full_disk_becomes_one_line_naming_the_file(small_tmpfs)
     with pytest.raises(RuntimeError, match="not about the disk"):  # anything else passes through
         with reported_write_failures(small_tmpfs, "x"):
             raise RuntimeError("not about the disk")
+
+
+# ------------------------------------------------------------------ optimizer settings
+
+
+def test_a_loaded_optimizer_state_keeps_this_launchs_settings():
+    weights = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+
+    def adamw(weight_decay: float, betas: tuple[float, float], eps: float):
+        groups = [{"params": weights[:1], "weight_decay": weight_decay}]
+        return torch.optim.AdamW(groups + [{"params": weights[1:], "weight_decay": 0.0}],
+                                 betas=betas, eps=eps)  # fmt: skip
+
+    saved = adamw(0.1, (0.9, 0.999), 1e-8).state_dict()
+    plain = adamw(0.3, (0.8, 0.99), 1e-6)
+    plain.load_state_dict(saved)
+    assert plain.param_groups[0]["betas"] == (0.9, 0.999)  # what torch restores by itself
+    kept = adamw(0.3, (0.8, 0.99), 1e-6)
+    with launch_optimizer_settings(kept):
+        kept.load_state_dict(saved)
+    assert [g["weight_decay"] for g in kept.param_groups] == [0.3, 0.0]
+    assert kept.param_groups[0]["betas"] == (0.8, 0.99) and kept.param_groups[1]["eps"] == 1e-6

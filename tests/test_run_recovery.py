@@ -11,6 +11,7 @@ for whom permission bits do not refuse a write). Both are skipped where mount is
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -172,6 +173,31 @@ def test_pruning_removes_only_what_clustertune_wrote(unfinished, finished, smoke
     assert [p.name for p in (checkpoints / "step_2").iterdir()] == ["my_export"]
     assert (checkpoints / "exported_adapter" / "adapter_config.json").read_text() == "{}"
     assert_continues_exactly(unfinished, finished, after=2)
+
+
+# ------------------------------------------------------------------ identity
+
+
+def test_another_learning_rate_on_resume_is_refused_or_continued_when_allowed(
+    unfinished, smoke_assets
+):
+    before = snapshot(unfinished)
+    line = one_error_line(finetune(smoke_assets, unfinished, "--train.learning_rate=2e-3"))
+    assert "step_4 was made with different settings" in line, line
+    assert "train.learning_rate: 0.001 -> 0.002" in line and "allow_config_change=true" in line
+    assert snapshot(unfinished) == before
+    allowed = finetune(
+        smoke_assets, unfinished, "--train.learning_rate=2e-3", "--allow_config_change=true"
+    )
+    assert allowed.returncode == 0, describe(allowed)
+    assert "allow_config_change=true: resuming" in allowed.stdout
+    assert "train.learning_rate: 0.001 -> 0.002" in allowed.stdout
+    records = {
+        r["step"]: r for r in map(json.loads, open(unfinished / "metrics.jsonl")) if "loss" in r
+    }
+    # linear decay to 0 at step 6: the lr logged after step 5 is the one step 6 uses
+    assert records[5]["lr"] == pytest.approx(2e-3 * (1 - 5 / 6))
+    assert records[3]["lr"] == pytest.approx(1e-3 * (1 - 3 / 6))  # before the resume: kept
 
 
 # ------------------------------------------------------------------ a full disk, a read-only folder

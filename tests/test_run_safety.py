@@ -191,16 +191,25 @@ def test_eval_beside_the_run_in_its_eval_folder_works(run_a, smoke_assets, capsy
 # ------------------------------------------------------------ 2. a finished run with other settings
 
 
-def test_full_fine_tune_into_a_finished_lora_run_is_refused(
-    run_a, smoke_assets, capsys, monkeypatch
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("--peft.method=none", "peft.method: 'lora' -> 'none'"),
+        ("--train.learning_rate=0.5", f"train.learning_rate: {LEARNING_RATE} -> 0.5"),
+    ],
+)
+def test_a_finished_run_rerun_with_other_settings_names_them(
+    run_a, smoke_assets, capsys, monkeypatch, change, named
 ):
     before = snapshot(run_a)
-    args = train_args(smoke_assets, run_a, "--peft.method=none")
+    args = train_args(smoke_assets, run_a, change)
     code, _, err = in_process("finetune", args, capsys, monkeypatch)
     line = one_error_line(err)
-    # Its checkpoint holds LoRA parameters: not even allow_config_change can continue it.
-    assert code == 2 and "peft.method: 'lora' -> 'none'" in line, line
-    assert "use a new output_dir" in line and "cannot be resumed" in line
+    assert code == 2 and "holds a finished run that was made with other settings" in line, line
+    assert named in line and "use a new output_dir" in line
+    if change.startswith("--peft"):
+        # Its checkpoint holds LoRA parameters: not even allow_config_change can continue it.
+        assert "cannot be resumed" in line
     assert snapshot(run_a) == before
 
 
@@ -224,8 +233,8 @@ def test_same_settings_are_already_finished_and_keep_every_file(
     run_a, smoke_assets, capsys, monkeypatch
 ):
     before = snapshot(run_a)
-    # learning_rate is not part of the identity: still the same finished run, config.yaml kept
-    args = train_args(smoke_assets, run_a, "--train.learning_rate=0.5")
+    # how often it logs is not part of the identity: still the same finished run, config.yaml kept
+    args = train_args(smoke_assets, run_a, "--train.log_every_steps=2")
     code, out, err = in_process("finetune", args, capsys, monkeypatch)
     assert code == 0 and "already finished at step 4" in out, (out, err)
     assert snapshot(run_a) == before

@@ -24,12 +24,13 @@ format (it reads them with torch.load); they are only ever read from our own out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ from clustertune.run_folder import (
 from clustertune.storage import fill_disk_for_test, reported_write_failures, write_failure_cause
 
 CRASH_ENV = "CLUSTERTUNE_TEST_CRASH_IN_SAVE"  # test-only fault injection: "RANK:STEP"
+# The optimizer settings a launch's config decides, restored after loading a checkpoint's
+# optimizer state (which holds the values it was saved with); lr is the schedule's.
+OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay")
 
 
 def rng_state() -> dict[str, Any]:
@@ -322,10 +326,13 @@ class Checkpointer:
         """Collective. Restore model, optimizer, schedule and this rank's RNG; return the
         trainer state. A ZeRO checkpoint of another world size (or of the other ZeRO-1/2
         stage) is loaded from its universal form, converted once (reshard.py); the engine was
-        then built with checkpoint.load_universal (reshard.universal_load_config)."""
+        then built with checkpoint.load_universal (reshard.universal_load_config). The
+        optimizer keeps this launch's OPTIMIZER_SETTINGS (the same unless the config changed
+        them, with allow_config_change=true)."""
         accel = self.accelerator
         saved_world_size = read_checkpoint_marker(path)["world_size"]
-        self._load_model_and_optimizer(path, model, optimizer, is_deepspeed, log)
+        with launch_optimizer_settings(optimizer):
+            self._load_model_and_optimizer(path, model, optimizer, is_deepspeed, log)
         restore_schedule_position(scheduler, torch.load(path / SCHEDULER_FILE, weights_only=True))
         # RNG: rank r restores the state rank r saved. On more ranks than the checkpoint had,
         # rank r takes the state of rank r mod (saved world size): every rank starts from the
@@ -371,3 +378,22 @@ class Checkpointer:
             optimizer.load_state_dict(
                 torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
             )
+
+
+@contextlib.contextmanager
+def launch_optimizer_settings(optimizer: Any) -> Iterator[None]:
+    """Keep the optimizer's OPTIMIZER_SETTINGS (this launch's config) across the loading of a
+    checkpoint's optimizer state, which brings the values it was saved with."""
+    settings = [
+        {key: group[key] for key in OPTIMIZER_SETTINGS if key in group}
+        for group in optimizer.param_groups
+    ]
+    yield
+    groups = optimizer.param_groups
+    if len(groups) != len(settings):
+        raise RuntimeError(
+            f"the checkpoint's optimizer has {len(groups)} parameter groups, this launch's "
+            f"{len(settings)}"
+        )
+    for group, values in zip(groups, settings, strict=True):
+        group.update(values)

@@ -12,6 +12,10 @@ each unless `allow_config_change=true`, which then says in the log what it does.
 total steps (train.max_steps / train.num_epochs) counts as a settings change because the LR
 schedule decays to 0 at the total it was built for (checkpoint.py restores only the schedule's
 position, so a resume with a new total follows the new schedule).
+
+The optimisation settings (learning rate, its schedule and warmup, weight decay, clipping,
+Adam's betas and epsilon) are part of the identity: a resume with other values would continue
+a run whose steps so far were taken otherwise, and config.yaml would no longer describe it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,14 @@ FINGERPRINT_KEYS = (
     "data.max_target_length",
     "data.length_group_size",
     "train.global_batch_size",
+    "train.learning_rate",
+    "train.lr_schedule",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.adam_beta1",
+    "train.adam_beta2",
+    "train.adam_epsilon",
 )
 
 # Settings that change which parameters are trained (their names and shapes): a checkpoint
@@ -95,12 +107,15 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
+def fingerprint(cfg: FinetuneConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The identity of a run: FINGERPRINT_KEYS of cfg, plus `extra`, resolved values that are
+    not config keys (e.g. what a setting resolved to on this machine)."""
     # The data order also depends on the batch-plan code: its version is part of the identity.
     return jsonable(
         {
             **{key: _dotted_get(cfg, key) for key in FINGERPRINT_KEYS},
             "batch_plan_version": BATCH_PLAN_VERSION,
+            **(extra or {}),
         }
     )
 

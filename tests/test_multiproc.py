@@ -11,12 +11,15 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    descendants,
     describe,
     kill_tree,
     launch_command,
@@ -25,6 +28,8 @@ from helpers import (
     train_losses,
     wait_for_step,
 )
+
+from clustertune.run_folder import RunFolder
 
 pytestmark = pytest.mark.multiproc
 
@@ -78,6 +83,18 @@ def baseline(launch: str, peft: str, assets, workdir: Path) -> Path:
         assert result.returncode == 0, describe(result)
         _RUNS[(launch, peft)] = out
     return _RUNS[(launch, peft)]
+
+
+def start(command: list[str], **streams) -> subprocess.Popen:
+    """A launch in its own session (a kill test kills its whole tree), output as `streams` say."""
+    return subprocess.Popen(
+        command,
+        cwd=Path(__file__).parents[1],
+        env=recipe_env(),
+        start_new_session=True,
+        text=True,
+        **streams,
+    )
 
 
 def assert_same_curve(actual: dict[int, float], expected: dict[int, float], steps, tolerance=EXACT):
@@ -197,14 +214,7 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(smoke_assets, w
     command = launch_command(
         "recipes/finetune.py", smoke_args(smoke_assets, out), launch="zero2", nproc=2
     )
-    process = subprocess.Popen(
-        command,
-        cwd=Path(__file__).parents[1],
-        env=recipe_env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at = random.Random(KILL_SEED).randint(4, 8)  # fixed seed: a failure reproduces
     seen = f"kill seed {KILL_SEED}: killed once step {kill_at} was logged"
     reached = wait_for_step(out, kill_at, process)
@@ -265,21 +275,47 @@ def test_a_truncated_zero2_shard_falls_back_on_any_world_size(nproc, smoke_asset
     )
 
 
+def test_a_rank_killed_by_sigkill_is_one_line_naming_the_checkpoint(smoke_assets, workdir):
+    out = workdir / "rank-killed"
+    args = smoke_args(smoke_assets, out, **{"train.max_steps": 400})
+    process = start(
+        launch_command("recipes/finetune.py", args, launch="ddp", nproc=2),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    marker = out / "checkpoints" / "step_3" / "COMPLETE.json"
+    while not marker.is_file():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    rank_1 = [pid for pid in descendants(process.pid) if environment(pid).get("RANK") == "1"]
+    os.kill(rank_1[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-3000:]  # what torchrun's failure exits with
+    lines = [line for line in stderr.splitlines() if line.startswith("clustertune-launch:")]
+    assert len(lines) == 1, stderr[-3000:]
+    latest = RunFolder(out).latest_complete()
+    assert f"rank 1 on {socket.gethostname()} was killed by SIGKILL" in lines[0], lines
+    assert lines[0].endswith(f"rerunning the same command resumes from {latest}."), lines
+    assert "ChildFailedError" not in stderr and "failed (exitcode" not in stderr
+
+
+def environment(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(
+        item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+    )
+
+
 def test_sigusr1_to_launcher_group_checkpoints_and_requeues(smoke_assets, workdir):
     reference = train_losses(baseline("ddp", "none", smoke_assets, workdir))
     out = workdir / "signalled-ddp"
     command = launch_command(
         "recipes/finetune.py", smoke_args(smoke_assets, out, "none"), launch="ddp", nproc=2
     )
-    process = subprocess.Popen(
-        command,
-        cwd=Path(__file__).parents[1],
-        env=recipe_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for_step(out, 2, process)
     os.killpg(process.pid, signal.SIGUSR1)
     output, _ = process.communicate(timeout=300)

@@ -1,7 +1,7 @@
 """The run folder's questions without training: checkpoint markers and their verification, the
 newest usable checkpoint, what pruning may remove, which paths lie inside a run, the space
 and permission checks (on a real full or read-only tmpfs where this machine lets us mount
-one), and the optimizer settings a resume keeps."""
+one), and the one line clustertune-launch prints for a dead worker."""
 
 from __future__ import annotations
 
@@ -301,3 +301,31 @@ def test_a_loaded_optimizer_state_keeps_this_launchs_settings():
         kept.load_state_dict(saved)
     assert [g["weight_decay"] for g in kept.param_groups] == [0.3, 0.0]
     assert kept.param_groups[0]["betas"] == (0.8, 0.99) and kept.param_groups[1]["eps"] == 1e-6
+
+
+# ------------------------------------------------------------------ a dead worker, in one line
+
+
+def test_a_dead_worker_is_one_line_with_rank_signal_and_the_checkpoint(tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from clustertune.launch import dead_worker_line
+    from clustertune.stop import STATUS_FILE_ENV, record_run_folder
+
+    status = tmp_path / "status"
+    run = RunFolder(tmp_path / "run")
+    make_checkpoint(run, 2)
+    make_checkpoint(run, 4, marker=False)
+    killed = ProcessFailure(local_rank=1, pid=123, exitcode=-9, error_file="<N/A>")
+    error = ChildFailedError("finetune.py", {1: killed})
+    assert "rerun the same command" in dead_worker_line(error, status)  # nothing recorded yet
+    monkeypatch.setenv(STATUS_FILE_ENV, str(status))
+    record_run_folder(run.root)
+    line = dead_worker_line(error, status)
+    assert line.startswith("clustertune-launch: rank 1 on ") and "killed by SIGKILL" in line
+    assert f"resumes from {run.checkpoint(2).resolve()}" in line
+    crashed = subprocess.CalledProcessError(3, ["python", "finetune.py"])
+    assert "rank 0 on" in dead_worker_line(crashed, status) and "exited with code 3" in (
+        dead_worker_line(crashed, status)
+    )
+    assert dead_worker_line(ValueError("other"), status) is None

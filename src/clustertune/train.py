@@ -53,7 +53,7 @@ from clustertune.sampler import (
     GlobalBatchPlan,
     check_batch_arithmetic,
 )
-from clustertune.stop import StopFlag, StopForRequeue
+from clustertune.stop import StopFlag, StopForRequeue, record_run_folder
 from clustertune.storage import reported_write_failures
 from clustertune.training_data import (
     TrainData,
@@ -125,6 +125,7 @@ class Trainer:
             )
             return False
         notes = [finished.note] if finished.note else []
+        record_run_folder(self.output_dir)  # clustertune-launch names its checkpoint after a crash
         resume_from = choose_resume(self.run, cfg.resume)  # verified (collective)
         if resume_from is not None:
             resume_note = check_resumable(

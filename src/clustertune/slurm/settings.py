@@ -175,9 +175,10 @@ def check_no_control_characters(settings: SlurmSettings) -> None:
         for where, item in items:
             found = _control_character(item) if isinstance(item, str) else None
             if found is not None:
+                hint = " (one shell line per setup entry)" if f.name == "setup" else ""
                 raise UserError(
                     f"{where}={item!r} holds the control character {found}, which would break "
-                    "the job's sbatch script; remove it (one setup line per list entry)."
+                    f"the job's sbatch script; remove it{hint}."
                 )
     for name in settings.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):

@@ -29,7 +29,8 @@ from helpers import (
     wait_for_step,
 )
 
-from clustertune.run_folder import RunFolder
+from clustertune.run_folder import RunFolder, checkpoint_damage
+from clustertune.storage import FILL_DISK_ENV
 
 pytestmark = pytest.mark.multiproc
 
@@ -273,6 +274,33 @@ def test_a_truncated_zero2_shard_falls_back_on_any_world_size(nproc, smoke_asset
     assert_same_curve(
         train_losses(out), train_losses(reference), range(7, MAX_STEPS + 1), tolerance
     )
+
+
+def test_a_full_disk_during_a_zero2_save_is_one_line_on_every_rank(smoke_assets, workdir, tmp_path):
+    """Both ranks write their part of the checkpoint onto a full disk (a real tmpfs, filled by
+    the recipe's test-only hook before the save): all agree it failed, none waits for another,
+    the main process removes .tmp-step_9 and the line says what is intact."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mount / "run"
+        shutil.copytree(baseline("zero2", "none", smoke_assets, workdir), out)
+        shutil.rmtree(out / "final")
+        shutil.rmtree(out / "checkpoints" / "step_9")
+        command = launch_command(
+            "recipes/finetune.py", smoke_args(smoke_assets, out, "none"), launch="zero2", nproc=2
+        )
+        result = run(command, env=recipe_env(**{FILL_DISK_ENV: f"step_9={mount / 'filler'}"}))
+        errors = [line for line in result.stderr.splitlines() if "clustertune: error:" in line]
+        assert result.returncode == 2 and len(errors) == 1, describe(result)
+        assert f"cannot write {out / 'checkpoints' / '.tmp-step_9'}" in errors[0], errors
+        assert "No space left on device" in errors[0] and "step_6 is intact" in errors[0]
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_6"]
+        assert checkpoint_damage(out / "checkpoints" / "step_6") is None
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_rank_killed_by_sigkill_is_one_line_naming_the_checkpoint(smoke_assets, workdir):

@@ -183,6 +183,15 @@ def test_training_and_evaluation_folders_are_told_apart(tmp_path):
     assert training_run_evidence(evaluation) == [] and evaluation_evidence(evaluation) == [
         "rouge.json"
     ]
+    systems = tmp_path / "adapters"  # a multi-adapter job: each system's results in its folder
+    (systems / "lora_a").mkdir(parents=True)
+    (systems / "lora_a" / "rouge.json").write_text("{}")
+    (systems / "comparison.md").write_text("")
+    assert evaluation_evidence(systems) == ["lora_a/rouge.json"]
+    comparison = tmp_path / "compare"  # a comparison alone is not an evaluation's results
+    comparison.mkdir()
+    (comparison / "comparison.md").write_text("")
+    assert evaluation_evidence(comparison) == []
 
 
 # ------------------------------------------------------------------ space and permissions

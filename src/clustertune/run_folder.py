@@ -382,8 +382,16 @@ def training_run_evidence(folder: Path) -> list[str]:
 
 
 def evaluation_evidence(folder: Path) -> list[str]:
-    """The results that mark `folder` as an evaluation's (empty: none)."""
-    return [name for name in (ROUGE_FILE, PREDICTIONS_FILE) if (folder / name).is_file()]
+    """The results that mark `folder` as an evaluation's (empty: none): its own, or those of
+    the systems of a multi-adapter job, one folder down."""
+    found = [name for name in (ROUGE_FILE, PREDICTIONS_FILE) if (folder / name).is_file()]
+    if folder.is_dir():
+        found += sorted(
+            f"{system.name}/{ROUGE_FILE}"
+            for system in folder.iterdir()
+            if system.is_dir() and (system / ROUGE_FILE).is_file()
+        )
+    return found
 
 
 def _config_keys(config_file: Path) -> set[str]:

@@ -134,3 +134,10 @@ def test_gpu_check_cpu_dry(tmp_path, smoke_assets):
     for name in ("causal_tiny_packed", "causal_tiny_padded", "causal_05b_packed"):
         assert steps[name]["status"].startswith(("ok", "skipped")), (name, steps[name])
     assert "| step | status |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_checkpoint_checksum_quick(tmp_path, smoke_assets):
+    results = run_quick("checkpoint_checksum.py", tmp_path, smoke_assets)
+    assert results["size_gib"] == 64 / 1024
+    for key in ("crc32_hot_s", "crc32_cold_s", "read_hot_s", "read_cold_s"):
+        assert positive(results[key]) and positive(results["per_gib_s"][key]), key

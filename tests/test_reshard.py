@@ -30,14 +30,12 @@ import torch
 from helpers import describe, launch_command, recipe_env, run, train_losses
 
 from clustertune.errors import UserError
-from clustertune.reshard import (
-    CRASH_ENV,
-    LOCK_NAME,
-    TMP_PREFIX,
+from clustertune.reshard import CRASH_ENV, convert_to_universal, resume_plan
+from clustertune.run_folder import (
     UNIVERSAL_DIR,
+    UNIVERSAL_LOCK,
     UNIVERSAL_MARKER,
-    convert_to_universal,
-    resume_plan,
+    UNIVERSAL_TMP_PREFIX,
 )
 
 pytestmark = pytest.mark.multiproc
@@ -171,7 +169,7 @@ def test_resume_on_another_world_size_is_exact(launch_file, peft, smoke_assets, 
             assert not (step / UNIVERSAL_DIR).exists()
             continue
         marker = json.loads((step / UNIVERSAL_DIR / UNIVERSAL_MARKER).read_text())
-        assert marker["world_size"] in (1, 2) and not list(step.glob(f"{TMP_PREFIX}*"))
+        assert marker["world_size"] in (1, 2) and not list(step.glob(f"{UNIVERSAL_TMP_PREFIX}*"))
         print(f"{step.name}: converted in {marker['seconds']} s, {marker['size_bytes']:,} bytes")
     if launch_file != "ddp":
         assert "converted " in runs.grown_log and "universal checkpoint in" in runs.grown_log
@@ -183,11 +181,13 @@ def test_kill_during_conversion_then_resume(smoke_assets, workdir):
     runs = chain("zero2", "none", smoke_assets, workdir)
     crash = runs.crash
     assert crash["returncode"] != 0 and not crash["final"], crash
-    assert any(name.startswith(TMP_PREFIX) for name in crash["left"]), crash
+    assert any(name.startswith(UNIVERSAL_TMP_PREFIX) for name in crash["left"]), crash
     assert UNIVERSAL_DIR not in crash["left"] and crash["engine_unchanged"], crash
     step = runs.shrunk / "checkpoints" / "step_6"
     assert (step / UNIVERSAL_DIR / UNIVERSAL_MARKER).is_file()
-    assert not list(step.glob(f"{TMP_PREFIX}*"))  # the next conversion removed the leftover
+    assert not list(
+        step.glob(f"{UNIVERSAL_TMP_PREFIX}*")
+    )  # the next conversion removed the leftover
     gap = relative_gap(train_losses(runs.shrunk), train_losses(runs.reference), range(7, 11))
     assert gap <= RELATIVE
 
@@ -204,8 +204,8 @@ def test_concurrent_conversions_convert_once(smoke_assets, workdir, tmp_path):
     with multiprocessing.get_context("fork").Pool(3) as pool:
         converted = pool.map(_convert_once, [str(step)] * 3)
     assert sorted(converted) == [False, False, True], converted
-    assert (step / UNIVERSAL_DIR / UNIVERSAL_MARKER).is_file() and (step / LOCK_NAME).is_file()
-    assert not list(step.glob(f"{TMP_PREFIX}*"))
+    assert (step / UNIVERSAL_DIR / UNIVERSAL_MARKER).is_file() and (step / UNIVERSAL_LOCK).is_file()
+    assert not list(step.glob(f"{UNIVERSAL_TMP_PREFIX}*"))
     assert not convert_to_universal(step).converted_now  # cached: done once
 
 

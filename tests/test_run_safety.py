@@ -191,16 +191,25 @@ def test_eval_beside_the_run_in_its_eval_folder_works(run_a, smoke_assets, capsy
 # ------------------------------------------------------------ 2. a finished run with other settings
 
 
-def test_full_fine_tune_into_a_finished_lora_run_is_refused(
-    run_a, smoke_assets, capsys, monkeypatch
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("--peft.method=none", "peft.method: 'lora' -> 'none'"),
+        ("--train.learning_rate=0.5", f"train.learning_rate: {LEARNING_RATE} -> 0.5"),
+    ],
+)
+def test_a_finished_run_rerun_with_other_settings_names_them(
+    run_a, smoke_assets, capsys, monkeypatch, change, named
 ):
     before = snapshot(run_a)
-    args = train_args(smoke_assets, run_a, "--peft.method=none")
+    args = train_args(smoke_assets, run_a, change)
     code, _, err = in_process("finetune", args, capsys, monkeypatch)
     line = one_error_line(err)
-    # Its checkpoint holds LoRA parameters: not even allow_config_change can continue it.
-    assert code == 2 and "peft.method: 'lora' -> 'none'" in line, line
-    assert "use a new output_dir" in line and "cannot be resumed" in line
+    assert code == 2 and "holds a finished run that was made with other settings" in line, line
+    assert named in line and "use a new output_dir" in line
+    if change.startswith("--peft"):
+        # Its checkpoint holds LoRA parameters: not even allow_config_change can continue it.
+        assert "cannot be resumed" in line
     assert snapshot(run_a) == before
 
 
@@ -224,8 +233,8 @@ def test_same_settings_are_already_finished_and_keep_every_file(
     run_a, smoke_assets, capsys, monkeypatch
 ):
     before = snapshot(run_a)
-    # learning_rate is not part of the identity: still the same finished run, config.yaml kept
-    args = train_args(smoke_assets, run_a, "--train.learning_rate=0.5")
+    # how often it logs is not part of the identity: still the same finished run, config.yaml kept
+    args = train_args(smoke_assets, run_a, "--train.log_every_steps=2")
     code, out, err = in_process("finetune", args, capsys, monkeypatch)
     assert code == 0 and "already finished at step 4" in out, (out, err)
     assert snapshot(run_a) == before
@@ -376,3 +385,121 @@ def test_resume_from_a_folder_with_only_the_marker_names_what_is_missing(
     for name in ("trainer_state.json", "trainable_parameters.safetensors", "optimizer.pt"):
         assert name in line
     assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------ 9. no tool writes into a run
+
+
+def checkpoint_tool(args: list[str], capsys) -> tuple[int, str, str]:
+    from clustertune.checkpoint_cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "inside, where",
+    [
+        ("checkpoints/step_2/export", "inside the checkpoint"),
+        ("checkpoints/step_8", "inside the checkpoint"),  # a step the run will save
+        ("checkpoints/exported", "the checkpoints/ of the training run"),
+        ("final/step_2_model", "the final/ of the training run"),
+    ],
+)
+@pytest.mark.parametrize("command", ["consolidate", "convert"])
+def test_checkpoint_tools_refuse_a_destination_inside_a_run(run_a, command, inside, where, capsys):
+    before = snapshot(run_a)
+    dest = run_a / inside
+    code, _, err = checkpoint_tool(
+        [command, str(run_a / "checkpoints" / "step_2"), str(dest)], capsys
+    )
+    line = one_error_line(err)
+    assert code == 2 and f"destination '{dest}' is" in line and where in line, line
+    assert "which the run prunes or replaces" in line
+    assert snapshot(run_a) == before
+
+
+def test_consolidate_beside_the_run_works_and_a_damaged_checkpoint_is_refused(
+    run_a, tmp_path, capsys
+):
+    step_2 = run_a / "checkpoints" / "step_2"
+    dest = tmp_path / "step_2_adapter"
+    code, out, err = checkpoint_tool(["consolidate", str(step_2), str(dest)], capsys)
+    assert code == 0 and (dest / "adapter_config.json").is_file(), err
+    optimizer = step_2 / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    code, _, err = checkpoint_tool(["consolidate", str(step_2), str(tmp_path / "again")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"the checkpoint in {step_2} is damaged (optimizer.pt has 100" in line
+    assert not (tmp_path / "again").exists()
+
+
+def test_compare_out_refuses_a_run_and_an_evaluation_unless_overwrite(
+    run_a, tmp_path, capsys, monkeypatch
+):
+    from test_compare_paired import STRONG, WEAK, make_eval
+
+    first, second = make_eval(tmp_path / "a", WEAK), make_eval(tmp_path / "b", STRONG)
+    run_before, eval_before = snapshot(run_a), snapshot(first)
+    for out, expected in [
+        (run_a, "holds a training run's files (config.yaml, final/, checkpoints/, metrics.jsonl)"),
+        (run_a / "final" / "compare", "the final/ of the training run"),
+        (run_a / "checkpoints" / "step_2" / "compare", "inside the checkpoint"),
+        (first, "holds an evaluation's results (rouge.json, predictions.jsonl)"),
+    ]:
+        args = ["--compare", str(first), str(second), "--out", str(out)]
+        code, _, err = in_process("evaluate", args, capsys, monkeypatch)
+        line = one_error_line(err)
+        assert code == 2 and f"--out '{out}' " in line and expected in line, line
+    assert snapshot(run_a) == run_before and snapshot(first) == eval_before
+    args = ["--compare", str(first), str(second), "--out", str(first), "--overwrite"]
+    code, _, err = in_process("evaluate", args, capsys, monkeypatch)
+    assert code == 0 and (first / "comparison.md").is_file(), err
+    assert {k: v for k, v in snapshot(first).items() if "comparison" not in k} == eval_before
+
+
+def test_an_evaluation_folder_is_reused_only_with_its_settings_or_overwrite(
+    run_a, smoke_assets, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "eval"
+
+    def evaluate(*extra: str) -> tuple[int, str, str]:
+        args = [
+            f"--run_dir={run_a}",
+            f"--output_dir={out}",
+            f"--data.eval_file={smoke_assets['test']}",
+            "--data.reference_columns=[summary1]",
+            "--data.max_examples=4",
+            "--num_bootstrap=10",
+            *extra,
+        ]
+        return in_process("evaluate", args, capsys, monkeypatch)
+
+    code, _, err = evaluate("--generation.max_new_tokens=4")
+    assert code == 0, err
+    before = snapshot(out)
+    code, _, err = evaluate("--generation.max_new_tokens=5")
+    line = one_error_line(err)
+    assert code == 2 and "holds the results of an evaluation made with other settings" in line
+    assert "generation.max_new_tokens: 4 -> 5" in line and "overwrite=true" in line, line
+    assert snapshot(out) == before
+    code, _, err = evaluate("--generation.max_new_tokens=4")  # the same settings: a rerun
+    assert code == 0, err
+    code, _, err = evaluate("--generation.max_new_tokens=5", "--overwrite=true")
+    assert code == 0, err
+    assert json.loads((out / "rouge.json").read_text())["generation"]["max_new_tokens"] == 5
+
+
+def test_evaluation_inside_a_runs_final_is_refused(run_a, smoke_assets, capsys, monkeypatch):
+    before = snapshot(run_a)
+    out = run_a / "final" / "eval"
+    args = [f"--run_dir={run_a}", f"--output_dir={out}", f"--data.eval_file={smoke_assets['test']}"]
+    code, _, err = in_process("evaluate", args, capsys, monkeypatch)
+    line = one_error_line(err)
+    assert code == 2 and f"output_dir '{out}' is inside" in line, line
+    assert "which the run prunes or replaces" in line
+    assert snapshot(run_a) == before

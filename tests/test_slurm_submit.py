@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,10 +80,49 @@ def test_shipped_settings_load():
         ("1-00", 1440),
         ("2-03:30", 3090),
         ("0-00:00:59", 1),
+        ("48:00:00", 2880),  # the first field has no upper bound
+        ("1-23:59:59", 2880),
+        ("2-3", 3060),
     ],
 )
 def test_slurm_time_formats(text, minutes):
     assert parse_time_minutes(text) == minutes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("99:99:99", "99 minutes is out of range (0-59 after hours)"),
+        ("1-25:00:00", "25 hours is out of range (0-23 after days)"),
+        ("10:60", "60 seconds is out of range (0-59 after minutes)"),
+        ("1-2:60", "60 minutes is out of range (0-59 after hours)"),
+        ("1:2:3:4", "is not a SLURM time"),
+        ("1-", "is not a SLURM time"),
+        ("-5", "is not a SLURM time"),
+        (" 90", "is not a SLURM time"),
+        ("0:00", "is zero"),
+    ],
+)
+def test_slurm_times_out_of_range_or_format_are_refused(text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_time_minutes(text)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("setup:\n  - 'module load cuda\n\n#SBATCH --exclusive'\n", "setup[0]="),
+        ('env:\n  HF_HOME: "/data\\nrm -rf /"\n', "env['HF_HOME']="),
+        ("env:\n  'BAD NAME': x\n", "env key 'BAD NAME' is not an environment variable name"),
+        ('job_name: "a\\tb"\n', "job_name='a\\tb' holds the control character '\\t'"),
+        ('sbatch_flags: ["--comment=a\\rb"]\n', "sbatch_flags[0]="),
+    ],
+)
+def test_control_characters_in_yaml_values_are_refused(tmp_path, yaml_text, message):
+    settings = tmp_path / "cluster.yaml"
+    settings.write_text("processes_per_node: 2\n" + yaml_text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_settings(str(settings), {})
 
 
 def test_dry_run_prints_sbatch_files_and_per_node_commands(capsys, no_slurm, tmp_path):
@@ -203,6 +243,19 @@ def test_node_command_is_valid_accelerate_launch_arguments():
         ),
         (["--time", "4h"], "time='4h' is not a SLURM time"),
         (["--time", "1"], "signal_delay_s=60 must be at least 30 and less than time='1' (60 s)"),
+        (["--time", "99:99:99"], "99 minutes is out of range (0-59 after hours)"),
+        (["--time", "1-25:00:00"], "25 hours is out of range (0-23 after days)"),
+        (
+            ["--partition", "debug\n#SBATCH --exclusive"],
+            "partition='debug\\n#SBATCH --exclusive' holds the control character '\\n'",
+        ),
+        (["--account", "a\x1b[2Jb"], "account='a\\x1b[2Jb' holds the control character"),
+        (
+            ["--gpus-per-node", "-1"],
+            "gpus_per_node=-1 is negative; use 0 for CPU-only nodes, else the GPUs of each node",
+        ),
+        (["--nodes", "-2"], "nodes=-2 is negative; use at least 1 (--nodes)"),
+        (["--max-requeues", "-1"], "max_requeues=-1 is negative; use 0 for none"),
     ],
 )
 def test_preflight_errors_submit_nothing(capsys, fake_slurm, args, message):

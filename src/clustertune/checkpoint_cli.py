@@ -13,6 +13,10 @@ the checkpoint's own universal/ folder as DEST it fills the cache a resume would
 (`PeftModel.from_pretrained(base, DEST)`) after LoRA, each with the tokenizer. ZeRO partitions
 are gathered by DeepSpeed's zero_to_fp32 (get_fp32_state_dict_from_zero_checkpoint); a DDP
 checkpoint already holds them whole. Weights only: the optimizer state stays in the checkpoint.
+
+Both read only a checkpoint whose files verify against its COMPLETE.json, and write only to a
+new folder outside every run's checkpoints and final/ (which a run prunes or replaces); the one
+exception is `convert` into the checkpoint's own universal/ cache.
 """
 
 from __future__ import annotations
@@ -28,37 +32,59 @@ from pathlib import Path
 from typing import Any
 
 from clustertune.atomicio import write_json_atomic
-from clustertune.checkpoint import DEEPSPEED_TAG, MARKER, TRAINER_STATE
 from clustertune.errors import UserError, exit_on_user_error
-from clustertune.reshard import UNIVERSAL_MARKER, convert_to_universal, saved_layout
+from clustertune.reshard import convert_to_universal, saved_layout
+from clustertune.run_folder import (
+    CHECKPOINT_MARKER,
+    DEEPSPEED_TAG,
+    TRAINABLE_FILE,
+    TRAINER_STATE,
+    UNIVERSAL_DIR,
+    UNIVERSAL_MARKER,
+    checkpoint_damage,
+    inside_run_part,
+)
 
 CONSOLIDATED_MARKER = "clustertune_consolidated.json"
 
 
 def _checked_checkpoint(path: Path) -> Path:
-    if not (path / MARKER).is_file() or not (path / TRAINER_STATE).is_file():
+    if not (path / CHECKPOINT_MARKER).is_file() or not (path / TRAINER_STATE).is_file():
         raise UserError(
-            f"'{path}' is not a complete clustertune checkpoint (no {MARKER} or "
+            f"'{path}' is not a complete clustertune checkpoint (no {CHECKPOINT_MARKER} or "
             f"{TRAINER_STATE}); give an output_dir/checkpoints/step_N folder."
+        )
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise UserError(
+            f"the checkpoint in {path} is damaged ({damage}); give another checkpoints/step_N."
         )
     return path
 
 
 def _free_destination(dest: Path) -> None:
+    """A new folder, outside every part of a training run that the run prunes or replaces."""
     if dest.exists():
         raise UserError(f"destination '{dest}' already exists; give a new folder.")
+    where = inside_run_part(dest)
+    if where is not None:
+        raise UserError(
+            f"destination '{dest}' is {where}, which the run prunes or replaces; give a "
+            "folder outside the run's checkpoints/ and final/, e.g. beside the run folder."
+        )
 
 
 def convert(checkpoint: Path, dest: Path, workers: int) -> str:
     checkpoint = _checked_checkpoint(checkpoint)
+    own_cache = dest.resolve() == (checkpoint / UNIVERSAL_DIR).resolve()
+    if not own_cache and not (dest.exists() and (dest / UNIVERSAL_MARKER).is_file()):
+        _free_destination(dest)
     saved = saved_layout(checkpoint)
     if not saved.is_deepspeed:
         raise UserError(
             f"the checkpoint in {checkpoint} was made by {saved.label}: it holds the whole state "
             "in one file and resumes on any world size as it is; `consolidate` writes its weights."
         )
-    if dest.exists() and not (dest / UNIVERSAL_MARKER).is_file():
-        _free_destination(dest)
     result = convert_to_universal(checkpoint, dest, workers=workers)
     done = "converted" if result.converted_now else "already converted"
     return (
@@ -73,7 +99,7 @@ def trained_state_dict(checkpoint: Path) -> dict[str, Any]:
     if not saved_layout(checkpoint).is_deepspeed:
         from safetensors.torch import load_file
 
-        return load_file(str(checkpoint / "trainable_parameters.safetensors"))
+        return load_file(str(checkpoint / TRAINABLE_FILE))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per parameter group

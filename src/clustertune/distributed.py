@@ -1,6 +1,8 @@
 """The launch as the processes see it (world size, the DeepSpeed JSON named by the launch
-file), the process group, the Accelerator, and the two ways an optimizer step is driven.
-The DeepSpeed JSON itself is clustertune.deepspeed_config (filling) and deepspeed_check."""
+file), the process group and what every rank must call together on it (agreeing, one decision
+taken by the main process, gathering), the Accelerator, and the two ways an optimizer step is
+driven. The DeepSpeed JSON itself is clustertune.deepspeed_config (filling) and
+deepspeed_check, which build on this module (never the other way round)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,15 @@ import contextlib
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+from clustertune.errors import UserError
+
+T = TypeVar("T")
 
 
 def launched_world_size() -> int:
@@ -55,6 +62,38 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def decided_by_main(decide: Callable[[], T]) -> T:
+    """Every rank gets what `decide()` returns on the main process (which alone runs it, e.g.
+    reading a checkpoint once to verify it); a UserError it raises is raised on every rank.
+    Every rank must call it. Without a process group: decide() here."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return decide()
+    message: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            message = [("value", decide())]
+        except UserError as error:
+            message = [("user_error", str(error))]
+    dist.broadcast_object_list(message, src=0)
+    kind, value = message[0]
+    if kind == "user_error":
+        raise UserError(value)
+    return value
+
+
+def gather_from_all(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (a list of one without a group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_ranks_agree(ok: bool) -> bool:
@@ -108,7 +147,12 @@ def warn_stale_extension_locks() -> None:
 
 
 def build_accelerator(
-    *, ds_config: dict | None, dtype: str, project_dir: str, report_to: list[str]
+    *,
+    ds_config: dict | None,
+    dtype: str,
+    project_dir: str,
+    report_to: list[str],
+    zero3_init: bool = False,
 ) -> Any:
     """Create the Accelerator for this launch, correct on GPU and on CPU-only machines.
 
@@ -134,11 +178,9 @@ def build_accelerator(
     )
     init_process_state(use_deepspeed=ds_config is not None)
     if ds_config is not None:
-        # Under ZeRO-3 the plugin's HfDeepSpeedConfig makes from_pretrained build the model
-        # already partitioned (zero.Init); modeling.build_model opts out where that is wrong.
-        from clustertune.deepspeed_config import zero_stage  # (it imports this module)
-
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage(ds_config) == 3)
+        # zero3_init (ZeRO-3): the plugin's HfDeepSpeedConfig makes from_pretrained build the
+        # model already partitioned (zero.Init); modeling.build_model opts out where that is wrong.
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero3_init)
         kwargs["deepspeed_plugin"] = plugin
         kwargs["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
     elif not has_cuda and launched_world_size() > 1:

@@ -4,13 +4,63 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from clustertune.atomicio import write_json_atomic
 from clustertune.modeling import is_peft_model
+from clustertune.run_folder import FINAL_MARKER, RunFolder
+from clustertune.storage import fill_disk_for_test, reported_write_failures
+
+MERGED_DIR = "merged"  # final/merged/: the LoRA adapter merged into its base (merge_on_save)
+
+
+def write_final(
+    run: RunFolder,
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    marker: dict[str, Any],
+    *,
+    merge: bool,
+    rerun_hint: Callable[[], str],
+) -> Path:
+    """Collective (every rank gathers the state dict; the main process writes). Everything goes
+    into .final.tmp/ with the marker last, then replaces final/ (`replace_folder`). A write
+    that fails for the disk or the permissions is one line; .final.tmp/ is removed and final/
+    (if any) is as it was."""
+    final, tmp = run.final, run.final_tmp
+    is_main = accelerator.is_main_process
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # Collective: under ZeRO-3 every rank takes part in gathering the 16-bit weights.
+    state_dict = accelerator.get_state_dict(model)
+    if is_main:
+
+        def consequence() -> str:
+            kept = f"{final} is as it was" if final.exists() else f"no {final} was written"
+            return f"{tmp} was removed and {kept}; {rerun_hint()}"
+
+        with reported_write_failures(tmp, consequence, cleanup=tmp):
+            tmp.mkdir(parents=True)
+            fill_disk_for_test("final")
+            unwrapped = accelerator.unwrap_model(model)
+            # gradient checkpointing turned the KV cache off for training; generation wants it
+            unwrapped.config.use_cache = True
+            save_pretrained_verified(unwrapped, state_dict, tmp)
+            tokenizer.save_pretrained(tmp)
+            if merge:
+                merge_adapter(tmp, tmp / MERGED_DIR)
+            write_json_atomic(tmp / FINAL_MARKER, marker)
+            replace_folder(tmp, final)
+        print(f"final model written to {final}", flush=True)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def save_pretrained_verified(model: Any, state_dict: dict[str, torch.Tensor], folder: Path) -> None:

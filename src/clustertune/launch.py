@@ -21,6 +21,11 @@ After a user error the workers' one line is the whole story: torchrun's failure 
 process is therefore accelerate launch run in-process by `launcher_main`, which drops that
 report once the status file says "user_error" and passes everything else through untouched
 (its output is not piped, so a normal run's output stays live).
+
+A worker that dies otherwise (killed by a signal, or exiting non-zero) is reported in one line
+instead of that traceback (`dead_worker_line`): its rank, host, signal or exit code, and the
+checkpoint rerunning the same command resumes from (the trainer records its run folder beside
+the status file). The launcher's exit code stays what it was (1).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +48,12 @@ from clustertune.stop import (
     STOP_SIGNALS,
     launcher_preexec,
     read_status,
+    recorded_run_folder,
 )
+
+# What torchrun logs when a worker fails; dead_worker_line says it in one line instead.
+TORCHRUN_FAILURE_RECORD = "failed (exitcode"
+EXIT_CRASH = 1  # the launcher's code after a failed worker (an uncaught ChildFailedError)
 
 
 def children(pid: int) -> list[int]:
@@ -103,16 +114,62 @@ def run(accelerate_args: list[str]) -> int:
 LAUNCHER_MAIN = "from clustertune.launch import launcher_main; launcher_main()"
 
 
-class DropAfterUserError(logging.Filter):
-    """Drop torchrun's records once a worker has reported a user error in the status file.
-    Workers write the status before they exit, so it is there when torchrun logs the exit."""
+class DropFailureReports(logging.Filter):
+    """Drop torchrun's records once a worker has reported a user error in the status file
+    (workers write the status before they exit, so it is there when torchrun logs the exit),
+    and its report of a failed worker, which dead_worker_line replaces."""
 
     def __init__(self, status_file: Path) -> None:
         super().__init__()
         self.status_file = status_file
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if TORCHRUN_FAILURE_RECORD in record.getMessage():
+            return False
         return read_status(self.status_file) != STATUS_USER_ERROR
+
+
+def _first_failure(error: BaseException) -> tuple[int, int] | None:
+    """(global rank, exit code: negative for a signal) of the worker that failed first."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if isinstance(error, ChildFailedError):
+        rank, failure = error.get_first_failure()
+        return rank, failure.exitcode
+    if isinstance(error, subprocess.CalledProcessError):  # a one-process launch
+        return 0, error.returncode
+    return None
+
+
+def dead_worker_line(error: BaseException, status_file: Path) -> str | None:
+    """One line for a worker that died: which rank, on which host, how, and what a rerun
+    continues from. None for an error that is not a worker's death."""
+    from clustertune.run_folder import RunFolder
+
+    failure = _first_failure(error)
+    if failure is None:
+        return None
+    rank, code = failure
+    how = (
+        f"was killed by {signal.Signals(-code).name}"
+        if code < 0 and -code in signal.valid_signals()
+        else f"exited with code {code}"
+    )
+    run = recorded_run_folder(status_file)
+    if run is None:
+        rerun = "rerun the same command to start it again"
+    else:
+        latest = RunFolder(run).latest_complete()
+        rerun = (
+            f"rerunning the same command resumes from {latest}"
+            if latest is not None
+            else f"no checkpoint of {run} was saved yet, so rerunning the same command starts "
+            "from step 0"
+        )
+    return (
+        f"clustertune-launch: rank {rank} on {socket.gethostname()} {how}, and the job stopped; "
+        f"{rerun}."
+    )
 
 
 def launcher_main() -> None:
@@ -126,18 +183,22 @@ def launcher_main() -> None:
 
     # torchrun logs through one logger per module (torch.distributed.elastic.*, .launcher.*,
     # .run); a logger filter applies to its own records only, so each gets one.
-    drop = DropAfterUserError(status_file)
+    drop = DropFailureReports(status_file)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).addFilter(drop)
     try:
         launch_command(launch_command_parser().parse_args())
-    except Exception:
+    except Exception as error:
         # ChildFailedError (torchrun) or CalledProcessError (a one-process launch): after a
         # user error the worker has printed the line; run() turns the status into exit 2.
         if read_status(status_file) == STATUS_USER_ERROR:
             sys.exit(EXIT_USER_ERROR)
-        raise
+        line = dead_worker_line(error, status_file)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(EXIT_CRASH)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from clustertune.config import ModelConfig, PeftConfig
 from clustertune.errors import UserError
+from clustertune.run_folder import RunFolder
 
 T5_FAMILY = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
 
@@ -81,12 +82,11 @@ def check_model_folder(name: str) -> None:
             f"base '{base}'), not a model: to evaluate it, set model.adapter_path={name} instead "
             f"(the base is read from the adapter); to fine-tune, start from model.name_or_path={base}."
         )
-    if (folder / "final" / "config.json").is_file() or (
-        folder / "final" / "adapter_config.json"
-    ).is_file():
+    final = RunFolder(folder).final
+    if (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
         raise UserError(
             f"model.name_or_path: cannot load '{name}': it is a training output_dir; its model is "
-            f"'{folder / 'final'}' (to evaluate, run_dir={name} takes the model and prompt from it)."
+            f"'{final}' (to evaluate, run_dir={name} takes the model and prompt from it)."
         )
     what = "is empty" if not any(folder.iterdir()) else "has no config.json"
     fix = (

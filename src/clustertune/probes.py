@@ -28,6 +28,7 @@ from clustertune.deepspeed_config import fill_hidden_size_autos, fill_optimizer_
 from clustertune.distributed import all_ranks_agree
 from clustertune.modeling import build_model
 from clustertune.optim import build_optimizer, token_loss_sum
+from clustertune.run_folder import RunFolder
 from clustertune.runtime import Runtime
 
 
@@ -161,7 +162,7 @@ def find_micro_batch(
     result = cached_search(
         prober,
         max(1, global_batch_size // world_size),
-        runtime.output_dir / ("auto_batch_tokens.json" if tokens else "auto_batch.json"),
+        RunFolder(runtime.output_dir).auto_batch_cache(tokens),
         key,
         runtime.is_main,
         choose=choose,

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import fcntl
 import io
-import json
 import os
 import shutil
 import socket
@@ -48,13 +47,16 @@ from pathlib import Path
 from typing import Any
 
 from clustertune.atomicio import fsync_dir, write_json_atomic
-from clustertune.checkpoint import DEEPSPEED_TAG, MARKER
 from clustertune.errors import UserError
+from clustertune.run_folder import (
+    DEEPSPEED_TAG,
+    UNIVERSAL_DIR,
+    UNIVERSAL_LOCK,
+    UNIVERSAL_MARKER,
+    UNIVERSAL_TMP_PREFIX,
+    read_checkpoint_marker,
+)
 
-UNIVERSAL_DIR = "universal"
-UNIVERSAL_MARKER = "UNIVERSAL.json"  # inside universal/, written before the rename
-LOCK_NAME = ".universal.lock"
-TMP_PREFIX = ".universal.tmp-"
 CRASH_ENV = "CLUSTERTUNE_TEST_CRASH_IN_CONVERSION"  # test-only: "1" dies before the rename
 VISIBLE_TIMEOUT_S = 120.0  # other nodes: how long to wait for universal/ to show up (NFS caches)
 
@@ -89,7 +91,7 @@ def saved_layout(checkpoint: Path) -> SavedLayout:
     """From COMPLETE.json (which records zero_stage since resharding exists), else the files:
     ZeRO-3 names its model states per rank (zero_pp_rank_R_mp_rank_00_model_states.pt),
     ZeRO-1/2 writes one mp_rank_00_model_states.pt."""
-    marker = json.loads((checkpoint / MARKER).read_text())
+    marker = read_checkpoint_marker(checkpoint)
     if "zero_stage" in marker:
         return SavedLayout(marker["world_size"], marker["zero_stage"])
     engine = checkpoint / DEEPSPEED_TAG
@@ -258,8 +260,10 @@ def convert_to_universal(
     if marker.is_file():
         return Conversion(dest, 0.0, folder_size(dest), converted_now=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = dest.parent / (LOCK_NAME if dest.name == UNIVERSAL_DIR else f".{dest.name}.lock")
-    prefix = TMP_PREFIX if dest.name == UNIVERSAL_DIR else f".{dest.name}.tmp-"
+    lock_file = dest.parent / (
+        UNIVERSAL_LOCK if dest.name == UNIVERSAL_DIR else f".{dest.name}.lock"
+    )
+    prefix = UNIVERSAL_TMP_PREFIX if dest.name == UNIVERSAL_DIR else f".{dest.name}.tmp-"
     with _exclusive(lock_file) as locked:
         if marker.is_file():  # another job converted it while we waited for the lock
             return Conversion(dest, 0.0, folder_size(dest), converted_now=False)

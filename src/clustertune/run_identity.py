@@ -13,8 +13,9 @@ total steps (train.max_steps / train.num_epochs) counts as a settings change bec
 schedule decays to 0 at the total it was built for (checkpoint.py restores only the schedule's
 position, so a resume with a new total follows the new schedule).
 
-`training_run_evidence` names what marks a folder as a training run's, so that another recipe
-(evaluation) can refuse to write into it.
+The optimisation settings (learning rate, its schedule and warmup, weight decay, clipping,
+Adam's betas and epsilon) are part of the identity: a resume with other values would continue
+a run whose steps so far were taken otherwise, and config.yaml would no longer describe it.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
-from clustertune.checkpoint import DEEPSPEED_TAG, MARKER, TRAINER_STATE, latest_checkpoint
 from clustertune.config import FinetuneConfig
 from clustertune.deepspeed_config import zero_stage
 from clustertune.errors import UserError
 from clustertune.reshard import other_strategy_message, resume_plan, saved_layout
+from clustertune.run_folder import (
+    CHECKPOINT_MARKER,
+    DEEPSPEED_TAG,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    TRAINABLE_FILE,
+    TRAINER_STATE,
+    RunFolder,
+)
 from clustertune.sampler import BATCH_PLAN_VERSION
-
-FINAL_MARKER = "clustertune_final.json"  # in final/: written last, so final/ is complete
 
 # Settings that must not change between a checkpoint and its resume (the data order,
 # the model and the meaning of a step depend on them).
@@ -60,6 +65,14 @@ FINGERPRINT_KEYS = (
     "data.max_target_length",
     "data.length_group_size",
     "train.global_batch_size",
+    "train.learning_rate",
+    "train.lr_schedule",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.adam_beta1",
+    "train.adam_beta2",
+    "train.adam_epsilon",
 )
 
 # Settings that change which parameters are trained (their names and shapes): a checkpoint
@@ -84,9 +97,6 @@ FINAL_PROMPT_KEYS = {
     "prompt_template": "data.prompt_template",
     "max_source_length": "data.max_source_length",
 }
-
-# Top-level keys only a training config has (an evaluation config.yaml has none of them).
-_TRAINING_ONLY_KEYS = {"train", "peft", "checkpoint", "resume", "allow_config_change"}
 
 
 def _dotted_get(cfg: Any, dotted: str) -> Any:
@@ -173,7 +183,7 @@ def check_finished_run(
     """Decide against output_dir/final/ before any compute. A finished run with other settings
     or another step count is refused, naming the keys that differ, unless allow_config_change
     (then the note says what this launch does to it)."""
-    marker = output_dir / "final" / FINAL_MARKER
+    marker = RunFolder(output_dir).final_marker
     if cfg.resume == "never" or not marker.is_file():
         return FinishedRun(already_finished=False)
     changes = changed_settings(json.loads(marker.read_text()), cfg, total_steps, extra)
@@ -221,23 +231,21 @@ def _refuse_other_parameters(
 
 
 def resume_path(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
-    """The checkpoint this launch continues from: newest complete one, a given one, or none."""
+    """The checkpoint this launch would continue from, for messages before a launch: the newest
+    complete one whose files have their recorded sizes, a given one, or none (the launch itself
+    verifies checksums too: checkpoint.choose_resume)."""
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(output_dir)
+        return RunFolder(output_dir).latest_complete()
     return Path(cfg.resume)
 
 
 def missing_checkpoint_files(path: Path, *, is_deepspeed: bool) -> list[str]:
     """What a resume needs from a checkpoint folder and `path` lacks (our own layout,
     checkpoint.Checkpointer.save; DeepSpeed's engine files live in one folder)."""
-    needed = [MARKER, TRAINER_STATE, "scheduler.pt"]
-    needed += (
-        [f"{DEEPSPEED_TAG}/"]
-        if is_deepspeed
-        else ["trainable_parameters.safetensors", "optimizer.pt"]
-    )
+    needed = [CHECKPOINT_MARKER, TRAINER_STATE, SCHEDULER_FILE]
+    needed += [f"{DEEPSPEED_TAG}/"] if is_deepspeed else [TRAINABLE_FILE, OPTIMIZER_FILE]
     return [name for name in needed if not (path / name.rstrip("/")).exists()]
 
 
@@ -252,9 +260,11 @@ def check_checkpoint_folder(path: Path, *, is_deepspeed: bool) -> None:
         return
     made_by_deepspeed = (path / DEEPSPEED_TAG).is_dir()
     if made_by_deepspeed != is_deepspeed and (
-        made_by_deepspeed or (path / "trainable_parameters.safetensors").is_file()
+        made_by_deepspeed or (path / TRAINABLE_FILE).is_file()
     ):
-        if (path / MARKER).is_file():  # says which launch files (any world size) can resume it
+        if (
+            path / CHECKPOINT_MARKER
+        ).is_file():  # says which launch files (any world size) can resume it
             now = "DeepSpeed (ZeRO)" if is_deepspeed else "a launch without DeepSpeed"
             raise UserError(other_strategy_message(path, saved_layout(path), now))
         made_with = (
@@ -305,22 +315,3 @@ def check_resumable(
             f"({describe_changes(changes)}).",
         )
     return "\n".join(notes) or None
-
-
-def training_run_evidence(folder: Path) -> list[str]:
-    """The files that mark `folder` as a training run's, or its final/ or one of its
-    checkpoints (empty: none). A config.yaml counts when it has training-only keys."""
-    found = [
-        name
-        for name in ("final/", "checkpoints/", "metrics.jsonl", FINAL_MARKER, MARKER)
-        if (folder / name.rstrip("/")).exists()
-    ]
-    config_file = folder / "config.yaml"
-    if config_file.is_file():
-        try:
-            mapping = yaml.safe_load(config_file.read_text())
-        except (OSError, yaml.YAMLError):
-            mapping = None
-        if isinstance(mapping, dict) and _TRAINING_ONLY_KEYS & set(mapping):
-            found.insert(0, "config.yaml")
-    return found

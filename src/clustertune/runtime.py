@@ -14,7 +14,6 @@ settings the recipe owns. `start` and `make_accelerator` are idempotent steps ev
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,22 +28,14 @@ from clustertune.distributed import (
     launched_world_size,
     leave_process_group,
 )
-from clustertune.errors import UserError
 from clustertune.modeling import load_model_config, model_kind, resolve_dtype
+from clustertune.storage import check_writable, remove_stale_probes
 
 
 def check_output_dir(output_dir: Path) -> None:
     """Refuse an output folder this process cannot write, before anything is computed."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(
-            f"output_dir '{output_dir}' is not writable ({error.strerror}); "
-            "choose a folder you can write to."
-        ) from None
+    remove_stale_probes(output_dir)
+    check_writable(output_dir, f"output_dir '{output_dir}'")
 
 
 def strategy_label(ds_config: dict | None, world_size: int) -> str:
@@ -139,6 +130,7 @@ class Runtime:
                 dtype=self.dtype,
                 project_dir=str(self.output_dir),
                 report_to=report_to,
+                zero3_init=zero_stage(ds_config) == 3,
             )
         return self.accelerator
 

@@ -81,6 +81,23 @@ def read_status(path: Path) -> str:
     return path.read_text().strip() if path.is_file() else ""
 
 
+def _run_folder_file(status_file: str | Path) -> Path:
+    return Path(f"{status_file}.run_folder")
+
+
+def record_run_folder(output_dir: Path) -> None:
+    """Tell clustertune-launch which run folder the workers write, so that after a crash it
+    can name the checkpoint a rerun resumes from (global rank 0; no-op without a launcher)."""
+    status_file = os.environ.get(STATUS_FILE_ENV)
+    if status_file and os.environ.get("RANK", "0") == "0":
+        _run_folder_file(status_file).write_text(str(Path(output_dir).resolve()))
+
+
+def recorded_run_folder(status_file: Path) -> Path | None:
+    path = _run_folder_file(status_file)
+    return Path(path.read_text().strip()) if path.is_file() else None
+
+
 def exit_code_after_stop() -> int:
     """The worker's exit code once the stop checkpoint is saved. Under clustertune-launch the
     status file carries the verdict and the wrapper exits 75; exiting 0 keeps torchrun from

@@ -13,7 +13,6 @@ update, and short and long examples weigh by their tokens, not by their micro-ba
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,11 +21,10 @@ from typing import Any
 import torch
 
 from clustertune import data as data_lib
-from clustertune.atomicio import write_json_atomic
 from clustertune.autobatch import SearchResult
-from clustertune.checkpoint import Checkpointer
+from clustertune.checkpoint import Checkpointer, choose_resume
 from clustertune.config import FinetuneConfig, flat_config
-from clustertune.deepspeed_config import check_optimizer_and_scheduler
+from clustertune.deepspeed_config import check_optimizer_and_scheduler, zero_stage
 from clustertune.distributed import DDPStepper, DeepSpeedStepper, launched_world_size
 from clustertune.errors import UserError
 from clustertune.metrics import MetricsLog, ThroughputWindow, peak_memory_gib, plot_training
@@ -40,15 +38,14 @@ from clustertune.modeling import (
 )
 from clustertune.optim import prepare_optimization, schedule_change_note, token_loss_sum
 from clustertune.packing import check_packing_isolates
-from clustertune.reshard import reshard_note, universal_load_config
+from clustertune.reshard import needs_universal, reshard_note, universal_load_config
+from clustertune.run_folder import CHECKPOINT_MARKER, CONFIG_FILE, RunFolder
 from clustertune.run_identity import (
-    FINAL_MARKER,
     check_checkpoint_folder,
     check_finished_run,
     check_resumable,
     final_prompt_settings,
     fingerprint,
-    resume_path,
     schedule_record,
 )
 from clustertune.runtime import Runtime, strategy_label
@@ -56,7 +53,8 @@ from clustertune.sampler import (
     GlobalBatchPlan,
     check_batch_arithmetic,
 )
-from clustertune.stop import StopFlag, StopForRequeue
+from clustertune.stop import StopFlag, StopForRequeue, record_run_folder
+from clustertune.storage import reported_write_failures
 from clustertune.training_data import (
     TrainData,
     check_data_for_model,
@@ -70,6 +68,7 @@ class Trainer:
     # ------------------------------------------------------------ set in __init__
     cfg: FinetuneConfig
     output_dir: Path
+    run: RunFolder  # the paths of output_dir's layout
     # ------------------------------------------------------------ set in setup()
     runtime: Runtime  # world size, model config, kind, dtype, DeepSpeed JSON, process group
     tokenizer: Any
@@ -98,10 +97,12 @@ class Trainer:
     initial_eval_loss: float | None = None  # eval loss before the first step of a fresh run
     # each source's eval loss at the last evaluate() ({"eval_loss/<name>": ...}; a mixture)
     eval_by_source: dict[str, float] = {}
+    progress: Any = None  # the main process's progress bar while train() runs
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        self.run = RunFolder(self.output_dir)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> bool:
@@ -129,7 +130,8 @@ class Trainer:
             )
             return False
         notes = [finished.note] if finished.note else []
-        resume_from = resume_path(cfg, self.output_dir)
+        record_run_folder(self.output_dir)  # clustertune-launch names its checkpoint after a crash
+        resume_from = choose_resume(self.run, cfg.resume)  # verified (collective)
         if resume_from is not None:
             resume_note = check_resumable(
                 resume_from,
@@ -140,6 +142,7 @@ class Trainer:
                 extra=self.identity,
             )
             notes += [resume_note] if resume_note else []
+        self._check_outputs_fit(resume_from)
         batching = resolve_batching(cfg, runtime, self.tokenizer, self.data, self.total_steps)
         self.auto_batch, self.plan = batching.auto_batch, batching.plan
         self.micro_batch_size, self.micro_batch_tokens = batching.micro_batch_size, batching.tokens
@@ -155,14 +158,14 @@ class Trainer:
         self.ds_config = universal_load_config(self.ds_config, resume_from, runtime.world_size)
         self.accelerator = runtime.make_accelerator(self.ds_config, report_to=cfg.train.report_to)
         self.checkpointer = Checkpointer(
-            self.output_dir, self.accelerator, cfg.checkpoint.keep_last
+            self.run, self.accelerator, cfg.checkpoint.keep_last, log=runtime.log
         )
         self._setup_model()
         if cfg.data.packing:
             runtime.log(check_packing_isolates(self.model, len(self.tokenizer), self.accelerator))
         for note in notes:
             runtime.log(note)
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=runtime.is_main)
+        self.metrics = MetricsLog(self.run.metrics, enabled=runtime.is_main)
         self.start_step = 0
         if resume_from is not None:
             self._resume(resume_from)
@@ -170,7 +173,7 @@ class Trainer:
             self.metrics.truncate_after(-1)  # a fresh run: a fresh metrics file
         # Only now, with every check passed and the model built: a refused or failed launch
         # leaves the run's config.yaml (its single source of truth) as it was.
-        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
+        runtime.write_resolved_config(cfg, CONFIG_FILE, header=self._config_header())
         if self.auto_batch is not None:
             self.metrics.write(
                 {"step": self.start_step, "event": "auto_batch", **self.auto_batch.to_json()}
@@ -203,7 +206,7 @@ class Trainer:
             )
         if (
             cfg.resume not in ("auto", "never")
-            and not (Path(cfg.resume) / "COMPLETE.json").is_file()
+            and not (Path(cfg.resume) / CHECKPOINT_MARKER).is_file()
         ):
             raise UserError(
                 f"resume='{cfg.resume}' is not a complete checkpoint folder; "
@@ -226,14 +229,32 @@ class Trainer:
         check_optimizer_and_scheduler(runtime.deepspeed_template, cfg.train)
         if cfg.resume not in ("auto", "never"):  # the launch decides which files it needs
             check_checkpoint_folder(Path(cfg.resume), is_deepspeed=runtime.is_deepspeed)
-        if cfg.resume == "never" and (
-            (self.output_dir / "checkpoints").is_dir() or (self.output_dir / "final").is_dir()
-        ):
+        if cfg.resume == "never" and (self.run.checkpoints.is_dir() or self.run.final.is_dir()):
             raise UserError(
                 f"output_dir '{self.output_dir}' already holds a run and resume=never would "
                 "overwrite it; use another output_dir or resume=auto."
             )
         return runtime
+
+    def _check_outputs_fit(self, resume_from: Path | None) -> None:
+        """Before the batch-size search and step 1: checkpoints/ and final/ writable, and room
+        under output_dir for what the run will write (plan.check_outputs_fit)."""
+        from clustertune.plan import check_outputs_fit
+
+        runtime = self.runtime
+        stage = zero_stage(runtime.deepspeed_template)
+        converts = resume_from is not None and needs_universal(
+            resume_from, world_size=runtime.world_size, zero_stage=stage
+        )
+        check_outputs_fit(
+            self.cfg,
+            self.run,
+            model_config=runtime.model_config,
+            world_size=runtime.world_size,
+            zero_stage=stage,
+            dtype=runtime.dtype,
+            converts=converts,
+        )
 
     def _setup_model(self) -> None:
         cfg, runtime, accel = self.cfg, self.runtime, self.accelerator
@@ -290,7 +311,7 @@ class Trainer:
         return (
             "# Resolved config of this run (the single source of truth); rerun with:\n"
             "#   accelerate launch --config_file <launch.yaml> recipes/finetune.py "
-            f"--config {self.output_dir / 'config.yaml'}\n"
+            f"--config {self.run.config}\n"
         )
 
     # ------------------------------------------------------------------ train
@@ -328,6 +349,21 @@ class Trainer:
         return accel.reduce(totals, reduction="sum")
 
     def train(self) -> None:
+        """Every step, checkpoints and the final eval. A write into the run folder that fails
+        because of the disk or its permissions (metrics.jsonl, a checkpoint) is one line."""
+        try:
+            with reported_write_failures(self.output_dir, self._rerun_hint):
+                self._train()
+        finally:
+            if self.progress is not None:  # its line ends before any error line is printed
+                self.progress.close()
+
+    def _rerun_hint(self) -> str:
+        latest = self.run.latest_complete()
+        where = f"it resumes from {latest}" if latest else "it starts again from step 0"
+        return f"free space (or fix the permissions) and rerun the same command: {where}."
+
+    def _train(self) -> None:
         cfg, accel, runtime = self.cfg, self.accelerator, self.runtime
         train_cfg = cfg.train
         if self.start_step == 0:
@@ -342,7 +378,7 @@ class Trainer:
         if runtime.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(
+            progress = self.progress = tqdm(
                 total=self.total_steps, initial=self.start_step, desc="training", dynamic_ncols=True
             )
         window = ThroughputWindow()
@@ -467,50 +503,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def save_final(self) -> Path:
-        """final/: HF-loadable model (or verified LoRA adapter) + tokenizer, written atomically."""
-        from clustertune.export import replace_folder, save_pretrained_verified
+        """final/: HF-loadable model (or verified LoRA adapter) + tokenizer, written atomically.
+        Collective: under ZeRO-3 every rank takes part in gathering the 16-bit weights."""
+        from clustertune.export import write_final
 
-        accel, is_main = self.accelerator, self.runtime.is_main
-        final, tmp = self.output_dir / "final", self.output_dir / ".final.tmp"
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accel.wait_for_everyone()
-        # Collective: under ZeRO-3 every rank takes part in gathering the 16-bit weights.
-        state_dict = accel.get_state_dict(self.model)
-        if is_main:
-            unwrapped = accel.unwrap_model(self.model)
-            # gradient checkpointing turned the KV cache off for training; generation wants it
-            unwrapped.config.use_cache = True
-            save_pretrained_verified(unwrapped, state_dict, tmp)
-            self.tokenizer.save_pretrained(tmp)
-            write_json_atomic(
-                tmp / FINAL_MARKER,
-                {
-                    "step": self.total_steps,
-                    "fingerprint": fingerprint(self.cfg, self.identity),
-                    "schedule": schedule_record(self.cfg),
-                    "peft_method": self.cfg.peft.method,
-                    "base_model": self.cfg.model.name_or_path,
-                    "kind": self.runtime.kind,
-                    # what evaluation (run_dir) takes from the run: what final/ was trained with
-                    **final_prompt_settings(
-                        self.cfg, self.data.template.date if self.data.template else None
-                    ),
-                },
-            )
-            replace_folder(tmp, final)
-            if self.cfg.peft.method == "lora" and self.cfg.peft.merge_on_save:
-                from clustertune.export import merge_adapter
-
-                merge_adapter(final, final / "merged")
-            print(f"final model written to {final}", flush=True)
-        accel.wait_for_everyone()
-        return final
+        marker = {
+            "step": self.total_steps,
+            "fingerprint": fingerprint(self.cfg, self.identity),
+            "schedule": schedule_record(self.cfg),
+            "peft_method": self.cfg.peft.method,
+            "base_model": self.cfg.model.name_or_path,
+            "kind": self.runtime.kind,
+            # what evaluation (run_dir) takes from the run: what final/ was trained with
+            **final_prompt_settings(
+                self.cfg, self.data.template.date if self.data.template else None
+            ),
+        }
+        merge = self.cfg.peft.method == "lora" and self.cfg.peft.merge_on_save
+        return write_final(
+            self.run,
+            self.accelerator,
+            self.model,
+            self.tokenizer,
+            marker,
+            merge=merge,
+            rerun_hint=self._rerun_hint,
+        )
 
     def cleanup(self) -> None:
         if self.runtime.is_main:
-            plot_training(self.metrics.records(), self.output_dir / "training_curves.png")
+            plot_training(self.metrics.records(), self.run.curves)
         if self.cfg.train.report_to:
             self.accelerator.end_training()
         self.accelerator.wait_for_everyone()

@@ -7,6 +7,8 @@ Where things live:
 - config.py     `EvaluateConfig` and its sections, value checks, and resolution of unset
                 keys from a training run_dir or an adapter (`resolve_config`);
 - settings.py   its generation and rouge sections, and `generate_kwargs`;
+- output_dir.py where an evaluation may write: not in a training run, not over results of
+                other settings (unless overwrite=true);
 - prompts.py    how a row becomes a prompt as training rendered it: raw text, text as the
                 user turn of the chat template, or a conversation up to its last assistant
                 turn; the tokens generation stops at (end-of-turn, EOS);
@@ -14,6 +16,7 @@ Where things live:
                 merging the predictions gathered from all ranks;
 - evaluator.py  the `Evaluator` lifecycle: accelerator, model (LoRA merged), batch_size auto,
                 distributed generate, save;
+- adapter_keys.py  the keys that choose many adapters (model.adapter_paths), their folder names;
 - adapters.py   many LoRA adapters of one base in one job (model.adapter_paths): loaded
                 beside the base with peft's multi-adapter API, switched per system;
 - report.py     per-example scores (predictions.jsonl) and the report (rouge.json);
@@ -33,7 +36,8 @@ Why the result is the same for 1, 2 or N ranks:
   pass gathers parameters collectively: a rank that stopped early would hang the others.
 """
 
-from clustertune.evaluation.adapters import System, default_names
+from clustertune.evaluation.adapter_keys import default_names
+from clustertune.evaluation.adapters import System
 from clustertune.evaluation.compare import (
     compare_main,
     compare_runs,

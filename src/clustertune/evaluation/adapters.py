@@ -1,8 +1,7 @@
 """Many LoRA adapters of one base in one job: the base is loaded once, the adapters are loaded
 into it with peft's multi-adapter API and switched per system, never merged.
 
-- `check_adapter_keys`: the model keys that cannot go together (EvalModelConfig.validate);
-- `default_names`, `check_names`: one folder name per adapter under output_dir (resolve_config);
+- the keys that choose the adapters, and their folder names: adapter_keys.py;
 - `load_adapters`: `PeftModel.from_pretrained(base, first, adapter_name=...)` then
   `load_adapter(...)` for the others: one base in memory however many adapters;
 - `System`: one model evaluated (the run itself, or one adapter, or the base with the
@@ -29,79 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clustertune.errors import UserError
+from clustertune.evaluation.adapter_keys import BASE_NAME
 
-if TYPE_CHECKING:  # config.py imports this module: no import of config at run time
+if TYPE_CHECKING:
     from clustertune.evaluation.config import EvaluateConfig
-
-BASE_NAME = "base"  # model.include_base: the base model's folder and label
-# Files a multi-adapter job writes into output_dir itself: no adapter folder may take a name.
-_TOP_LEVEL_FILES = ("config.yaml", "auto_batch.json", "comparison.md", "comparison.png")
-
-
-def check_adapter_keys(
-    adapter_path: str | None,
-    adapter_paths: Sequence[str] | None,
-    adapter_names: Sequence[str] | None,
-    include_base: bool,
-) -> None:
-    """The model keys of adapters that go together only one way; checked before anything runs."""
-    if adapter_paths is not None and adapter_path is not None:
-        raise UserError(
-            "model.adapter_path and model.adapter_paths are both set; use adapter_path for one "
-            "adapter (merged) or adapter_paths for several (switched), not both."
-        )
-    if adapter_paths is not None and not adapter_paths:
-        raise UserError(
-            "model.adapter_paths is empty; list the adapter folders, e.g. [run_a/final]."
-        )
-    if adapter_names is not None and adapter_paths is None:
-        raise UserError(
-            "model.adapter_names names the folders of model.adapter_paths, which is unset."
-        )
-    if adapter_names is not None and len(adapter_names) != len(adapter_paths or []):
-        raise UserError(
-            f"model.adapter_names has {len(adapter_names)} names for {len(adapter_paths or [])} "
-            "model.adapter_paths; give one name per adapter (or none: the folder names)."
-        )
-    if include_base and adapter_paths is None:
-        raise UserError(
-            "model.include_base needs model.adapter_paths; to evaluate the base alone set only "
-            "model.name_or_path."
-        )
-
-
-def default_names(adapter_paths: Sequence[str]) -> list[str]:
-    """Each adapter folder's name; a training run's final/ is named after its run folder."""
-    names = []
-    for path in adapter_paths:
-        folder = Path(path).expanduser().resolve()
-        names.append(folder.parent.name if folder.name == "final" else folder.name)
-    return names
-
-
-def check_names(names: Sequence[str], include_base: bool) -> None:
-    """Names become folders under output_dir: plain, distinct, and none the base's folder."""
-    for name in names:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
-            raise UserError(
-                f"model.adapter_names: '{name}' is not a plain folder name; use e.g. lora_r8."
-            )
-        if name in _TOP_LEVEL_FILES:
-            raise UserError(
-                f"model.adapter_names: '{name}' is a file the job writes into output_dir; rename it."
-            )
-    taken = [*names, *([BASE_NAME] if include_base else [])]
-    duplicate = next((name for name in taken if taken.count(name) > 1), None)
-    if duplicate is not None:
-        why = (
-            f" (model.include_base writes the base model under {BASE_NAME}/)"
-            if include_base and duplicate == BASE_NAME
-            else ""
-        )
-        raise UserError(
-            f"model.adapter_names: '{duplicate}' names two systems{why}; each writes "
-            f"<output_dir>/<name>/: set distinct model.adapter_names, one per adapter."
-        )
 
 
 def adapter_load_error(error: Exception, key: str, adapter_path: str, base: str) -> UserError:
@@ -194,5 +124,8 @@ def write_comparison(systems: Sequence[System], output_dir: Path) -> str:
     from clustertune.evaluation.compare import compare_runs
 
     return compare_runs(
-        [str(s.output_dir) for s in systems], [str(s.name) for s in systems], output_dir
+        [str(s.output_dir) for s in systems],
+        [str(s.name) for s in systems],
+        output_dir,
+        checked_out=False,
     )

@@ -27,10 +27,16 @@ import numpy as np
 from clustertune import rouge
 from clustertune.atomicio import atomic_path, write_text_atomic
 from clustertune.errors import UserError
+from clustertune.run_folder import (
+    EvalFolder,
+    evaluation_evidence,
+    inside_run_part,
+    training_run_evidence,
+)
 
 
 def load_report(eval_dir: str | Path) -> dict[str, Any]:
-    path = Path(eval_dir) / "rouge.json"
+    path = EvalFolder(Path(eval_dir)).rouge
     if not path.is_file():
         raise UserError(f"--compare: '{eval_dir}' has no rouge.json; give evaluation output_dirs.")
     try:
@@ -112,7 +118,7 @@ def comparison_table(reports: Sequence[Mapping[str, Any]], labels: Sequence[str]
 def load_example_scores(eval_dir: str | Path, protocol: str) -> dict[str, dict[str, float]] | None:
     """{example id: {metric: F}} under `protocol`, from predictions.jsonl (None: no such file,
     e.g. a folder that only holds a rouge.json). The scores there are rounded to 4 decimals."""
-    path = Path(eval_dir) / "predictions.jsonl"
+    path = EvalFolder(Path(eval_dir)).predictions
     if not path.is_file():
         return None
     scores: dict[str, dict[str, float]] = {}
@@ -262,9 +268,10 @@ def plot_comparison(
     plt.close(fig)
 
 
-def _check_output_folder(out_dir: str | Path) -> Path:
-    """--out must name a folder (or a path where one can be made): refused before any
-    report is read, and created only once every report has loaded."""
+def _check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """--out must name a folder (or a path where one can be made) that is not a training run's
+    or inside one, and not an evaluation's (unless overwrite): refused before any report is
+    read, and created only once every report has loaded. An earlier comparison is replaced."""
     out = Path(out_dir)
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -272,6 +279,21 @@ def _check_output_folder(out_dir: str | Path) -> Path:
         raise UserError(
             f"--out '{out_dir}' {which}; --out names a folder (it gets comparison.md and "
             "comparison.png), e.g. --out outputs/compare."
+        )
+    run_files = training_run_evidence(out)
+    where = inside_run_part(out)
+    if run_files or where is not None:
+        what = f"holds a training run's files ({', '.join(run_files)})" if run_files else where
+        raise UserError(
+            f"--out '{out_dir}' {what}, which a comparison must not write into; give it a "
+            "folder of its own, e.g. --out outputs/compare."
+        )
+    results = evaluation_evidence(out)
+    if results and not overwrite:
+        raise UserError(
+            f"--out '{out_dir}' holds an evaluation's results ({', '.join(results)}), beside "
+            "which its comparison.md and comparison.png would be replaced; give a folder of its "
+            "own (e.g. --out outputs/compare), or --overwrite to write there anyway."
         )
     return out
 
@@ -283,10 +305,13 @@ def compare_runs(
     *,
     num_bootstrap: int = 1000,
     seed: int = 0,
+    overwrite: bool = False,
+    checked_out: bool = True,
 ) -> str:
     """Side-by-side table of several evaluations and the paired differences against the first;
     writes comparison.md and comparison.png. Every input is read and checked before anything
-    is written."""
+    is written. checked_out=False: `out_dir` is the job's own output_dir (a multi-adapter
+    evaluation writes its comparison beside its systems' folders)."""
     if len(eval_dirs) < 1:
         raise UserError("--compare needs at least one evaluation output_dir.")
     if num_bootstrap < 1:
@@ -296,7 +321,7 @@ def compare_runs(
         raise UserError(
             f"--labels has {len(labels)} names for {len(eval_dirs)} folders; give one label per folder."
         )
-    out = _check_output_folder(out_dir)
+    out = _check_output_folder(out_dir, overwrite) if checked_out else Path(out_dir)
     reports = [load_report(d) for d in eval_dirs]
     headline = headline_protocol(reports[0])
     table = comparison_table(reports, labels)
@@ -331,8 +356,8 @@ def compare_runs(
             "",
         ]
     )
-    write_text_atomic(out / "comparison.md", markdown)
-    plot_comparison(reports, labels, out / "comparison.png")
+    write_text_atomic(EvalFolder(out).comparison_md, markdown)
+    plot_comparison(reports, labels, EvalFolder(out).comparison_png)
     printed = [table]
     if paired_note:
         printed += ["", paired_note]
@@ -400,6 +425,11 @@ def compare_main(argv: Sequence[str], prog: str, dirs_option: str | None = None)
         "--out", default="outputs/compare", help="folder for comparison.md and comparison.png"
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds an evaluation's results (its comparison is replaced)",
+    )
+    parser.add_argument(
         "--num_bootstrap",
         type=int,
         default=1000,
@@ -409,8 +439,14 @@ def compare_main(argv: Sequence[str], prog: str, dirs_option: str | None = None)
     args = parser.parse_args(list(argv))
     labels = args.labels.split(",") if args.labels else None
     text = compare_runs(
-        args.eval_dirs, labels, args.out, num_bootstrap=args.num_bootstrap, seed=args.seed
+        args.eval_dirs,
+        labels,
+        args.out,
+        num_bootstrap=args.num_bootstrap,
+        seed=args.seed,
+        overwrite=args.overwrite,
     )
+    out = EvalFolder(Path(args.out))
     print(text, flush=True)
-    print(f"wrote {args.out}/comparison.md and {args.out}/comparison.png", flush=True)
+    print(f"wrote {out.comparison_md} and {out.comparison_png}", flush=True)
     return 0

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from clustertune.checkpoint import MARKER as CHECKPOINT_MARKER
 from clustertune.config import (
     SEED_PROMPT,
     Auto,
@@ -35,23 +34,22 @@ from clustertune.config import (
     check_choice,
     check_prompt_template,
     check_source_placeholder,
+    config_to_yaml,
     in_range,
     parse_config,
 )
 from clustertune.config.checks import DataFormat, check_date
 from clustertune.errors import UserError
-from clustertune.evaluation.adapters import check_adapter_keys, check_names, default_names
+from clustertune.evaluation.adapter_keys import check_adapter_keys, check_names, default_names
+from clustertune.evaluation.output_dir import check_earlier_results, check_not_in_a_run
 from clustertune.evaluation.settings import (  # noqa: F401  (re-exported: the config's sections)
     GenerationSettings,
     HeadlineProtocol,
     RougeSettings,
     generate_kwargs,
 )
-from clustertune.run_identity import (
-    FINAL_MARKER,
-    FINAL_PROMPT_KEYS,
-    training_run_evidence,
-)
+from clustertune.run_folder import FINAL_MARKER, RunFolder
+from clustertune.run_identity import FINAL_PROMPT_KEYS
 
 # The training defaults that eval defaults repeat are read from here, not written again.
 _TRAINING = FinetuneConfig()
@@ -186,6 +184,9 @@ class EvaluateConfig(Validated):
     sort_by_length: bool = True
     # Bootstrap resamples for the 95 percent confidence intervals (1000: ~0.1 s per 1,000 examples).
     num_bootstrap: int = 1000
+    # Replace the results of an earlier evaluation in output_dir that was made with other
+    # settings (false: refused, naming the settings that differ; the same settings: replaced).
+    overwrite: bool = False
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -265,7 +266,7 @@ def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
     if settings["base_model"] is None:
         settings["base_model"] = _NOT_RECORDED
     if any(value is _NOT_RECORDED for value in settings.values()):
-        config_file = run / "config.yaml"
+        config_file = RunFolder(run).config
         if not config_file.is_file():
             raise UserError(
                 f"run_dir: '{run}' has no config.yaml and its final/{FINAL_MARKER} does not "
@@ -288,7 +289,7 @@ def _trained_settings(run: Path, final: Path) -> dict[str, Any]:
 def _from_run_dir(cfg: EvaluateConfig) -> EvaluateConfig:
     """Take the model and (where unset) the prompt settings from a finished training run."""
     run = Path(cfg.run_dir).expanduser()
-    config_file, final = run / "config.yaml", run / "final"
+    config_file, final = RunFolder(run).config, RunFolder(run).final
     if not run.is_dir():
         raise UserError(
             f"run_dir: '{cfg.run_dir}' does not exist; give a training output_dir (config.yaml, final/)."
@@ -344,32 +345,11 @@ def _adapter_set(model: EvalModelConfig) -> tuple[EvalModelConfig, str]:
     return replace(model, adapter_names=list(names)), bases[0]
 
 
-def _check_output_dir(cfg: EvaluateConfig) -> None:
-    """Evaluation writes config.yaml, predictions.jsonl and rouge.json: never into a training
-    run's folder, whose config.yaml is that run's single source of truth."""
-    output_dir = Path(cfg.output_dir).expanduser()
-    evidence = training_run_evidence(output_dir)
-    if not evidence:
-        return
-    # A run's final/ or checkpoints/step_N is replaced or pruned by the run: suggest a folder
-    # beside them, in the run's folder.
-    run = output_dir
-    if FINAL_MARKER in evidence:
-        run = output_dir.parent
-    elif CHECKPOINT_MARKER in evidence:
-        run = output_dir.parent.parent
-    raise UserError(
-        f"output_dir '{cfg.output_dir}' holds a training run's files ({', '.join(evidence)}), "
-        "which evaluation would write over; give the evaluation its own folder, e.g. "
-        f"--output_dir={run / 'eval'}."
-    )
-
-
 def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
     """Fill every unset key (from run_dir, the adapter, or the defaults) and check the inputs
     that need no model and no process group. Returns the resolved config and notes to print."""
     notes: list[str] = []
-    _check_output_dir(cfg)
+    check_not_in_a_run(cfg.output_dir)
     if cfg.run_dir is not None:
         previous = cfg.model.name_or_path
         cfg = _from_run_dir(cfg)
@@ -407,7 +387,15 @@ def resolve_config(cfg: EvaluateConfig) -> tuple[EvaluateConfig, list[str]]:
         model = replace(model, tokenizer=model.adapter_path if saved else model.name_or_path)
     cfg = replace(cfg, model=model, data=_data_defaults(cfg.data))
     _check_values(cfg)
+    check_earlier_results(cfg.output_dir, settings_of(cfg), overwrite=cfg.overwrite)
     return cfg, notes
+
+
+def settings_of(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The resolved config as its config.yaml records it."""
+    import yaml
+
+    return yaml.safe_load(config_to_yaml(cfg))
 
 
 def _data_defaults(data_cfg: EvalDataConfig) -> EvalDataConfig:

@@ -66,6 +66,7 @@ from clustertune.evaluation.evalset import (
 from clustertune.evaluation.prompts import stop_token_ids
 from clustertune.evaluation.report import build_report, write_outputs
 from clustertune.modeling import build_model, load_tokenizer, zero3_init_disabled
+from clustertune.run_folder import CONFIG_FILE, EvalFolder
 from clustertune.runtime import Runtime, strategy_label
 from clustertune.sampler import deal_to_ranks
 
@@ -187,12 +188,12 @@ class Evaluator:
             self.batch_size = cfg.batch_size
         # Last: a config that failed any check above (a bad reference column, a model that
         # does not load) leaves no config.yaml claiming an evaluation that never ran.
-        runtime.write_resolved_config(cfg, "config.yaml", header=self._config_header())
+        runtime.write_resolved_config(cfg, CONFIG_FILE, header=self._config_header())
         if self.multi:  # each system's folder: the config that evaluates it alone
             for system in self.systems:
                 runtime.write_resolved_config(
                     system.cfg,
-                    f"{system.name}/config.yaml",
+                    f"{system.name}/{CONFIG_FILE}",
                     header=self._config_header(system.output_dir, f" ({system.name} alone)"),
                 )
 
@@ -316,7 +317,7 @@ class Evaluator:
         result = cached_search(
             prober,
             limit,
-            self.output_dir / "auto_batch.json",
+            EvalFolder(self.output_dir).auto_batch_cache,
             key,
             self.is_main,
             choose=choose,
@@ -450,7 +451,8 @@ class Evaluator:
             reports[str(system.name)] = self._save_system(system)
             print(self._wrote(system), flush=True)
         print(write_comparison(self.systems, self.output_dir), flush=True)
-        print(f"wrote {self.output_dir / 'comparison.md'} and comparison.png", flush=True)
+        out = EvalFolder(self.output_dir)
+        print(f"wrote {out.comparison_md} and {out.comparison_png.name}", flush=True)
         return reports
 
     def _save_system(self, system: System) -> dict[str, Any]:
@@ -471,7 +473,8 @@ class Evaluator:
 
     @staticmethod
     def _wrote(system: System) -> str:
-        return f"wrote {system.output_dir / 'rouge.json'} and {system.output_dir / 'predictions.jsonl'}"
+        folder = EvalFolder(system.output_dir)
+        return f"wrote {folder.rouge} and {folder.predictions}"
 
     def cleanup(self) -> None:
         self.accelerator.wait_for_everyone()  # no rank tears down the process group while main scores
@@ -480,7 +483,7 @@ class Evaluator:
     def _config_header(self, folder: Path | None = None, what: str = "") -> str:
         return (
             f"# Resolved evaluation config{what} (the single source of truth); rerun with:\n"
-            f"#   python recipes/evaluate.py --config {(folder or self.output_dir) / 'config.yaml'}\n"
+            f"#   python recipes/evaluate.py --config {EvalFolder(folder or self.output_dir).config}\n"
         )
 
     def _log(self, message: str) -> None:

@@ -23,6 +23,7 @@ from clustertune.autobatch import SearchResult
 from clustertune.chat import replies
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.evalset import EvalSet
+from clustertune.run_folder import EvalFolder
 
 
 def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
@@ -187,5 +188,6 @@ def write_outputs(
     lines = prediction_lines(
         eval_set, predictions, replies_, use_stemmer=report.get("use_stemmer", True)
     )
-    write_text_atomic(output_dir / "predictions.jsonl", "\n".join(lines) + "\n")
-    write_text_atomic(output_dir / "rouge.json", json.dumps(report, indent=2) + "\n")
+    folder = EvalFolder(output_dir)
+    write_text_atomic(folder.predictions, "\n".join(lines) + "\n")
+    write_text_atomic(folder.rouge, json.dumps(report, indent=2) + "\n")

@@ -27,9 +27,9 @@ from typing import Any
 from draccus.wrappers.docstring import get_attribute_docstring
 
 from clustertune.errors import UserError, exit_on_user_error
-from clustertune.slurm.preflight import Then, describe_plan, dry_run, preflight
+from clustertune.slurm.preflight import Then, preflight
 from clustertune.slurm.settings import SlurmSettings, load_settings
-from clustertune.slurm.submit import submit, wait
+from clustertune.slurm.submit import describe_plan, dry_run, submit, wait
 
 SCALAR_TYPES = (str, int, float)
 

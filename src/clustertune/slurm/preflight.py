@@ -6,8 +6,8 @@ model and data paths or Hugging Face cache entries the offline nodes will need, 
 `--then evaluate` the evaluation config (parsed and checked as recipes/evaluate.py will, its
 eval data included), and the partition (where sinfo exists); it warns about node-local
 output folders. It returns the `SubmissionPlan`: the checked settings and the submitit jobs
-(clustertune.slurm.job.LaunchJob) to run.
-`dry_run` renders what would be submitted: submitit's sbatch files and each task's command.
+(clustertune.slurm.job.LaunchJob) to run; clustertune.slurm.submit submits it, or renders it
+for --dry-run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -23,20 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from clustertune.checkpoint import latest_checkpoint
 from clustertune.config import FinetuneConfig, load_yaml_mapping, parse_config
 from clustertune.deepspeed_config import load_deepspeed_json, zero_stage
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.config import _check_values as check_resolved_values
 from clustertune.reshard import resume_plan
+from clustertune.run_folder import CHECKPOINT_MARKER, EVAL_DIR, RunFolder
 from clustertune.run_identity import FINAL_PROMPT_KEYS
 from clustertune.sampler import check_batch_arithmetic
-from clustertune.slurm.env import PORT_MAX, PORT_MIN, NodeLaunch
 from clustertune.slurm.job import LaunchJob
 from clustertune.slurm.node import distributed_type
 from clustertune.slurm.settings import SlurmSettings
-from clustertune.slurm.submit import make_executor, sbatch_parameters, sbatch_text
 
 EVALUATE_RECIPE = "recipes/evaluate.py"
 # What can follow a training job in the same submission (--then).
@@ -203,9 +200,11 @@ def _resume_note(
     if cfg.resume == "never":
         return None
     checkpoint = (
-        latest_checkpoint(output_dir) if cfg.resume == "auto" else (workdir / cfg.resume).resolve()
+        RunFolder(output_dir).latest_complete()
+        if cfg.resume == "auto"
+        else (workdir / cfg.resume).resolve()
     )
-    if checkpoint is None or not (checkpoint / "COMPLETE.json").is_file():
+    if checkpoint is None or not (checkpoint / CHECKPOINT_MARKER).is_file():
         return None
     ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
     stage = zero_stage(load_deepspeed_json(str(workdir / ds_file))) if ds_file else 0
@@ -323,7 +322,7 @@ def preflight(
             EVALUATE_RECIPE,
             *(("--config", eval_config) if eval_config else ()),
             f"--run_dir={output_dir}",
-            f"--output_dir={output_dir / 'eval'}",
+            f"--output_dir={output_dir / EVAL_DIR}",
         )
         _check_evaluation(eval_argv, eval_config, cfg, workdir, job_env)
         evaluate = dataclasses.replace(
@@ -342,54 +341,3 @@ def preflight(
         warnings=warnings,
         resume_note=resume_note,
     )
-
-
-# --------------------------------------------------------------------------- dry run
-
-
-def node_command_text(job: LaunchJob, settings: SlurmSettings) -> str:
-    """The command every task runs, with SLURM's per-node values left as placeholders."""
-    placeholder = NodeLaunch(
-        num_machines=settings.nodes,
-        machine_rank="$SLURM_NODEID",  # type: ignore[arg-type]
-        main_process_ip="<address of the first node of $SLURM_JOB_NODELIST>",
-        main_process_port=f"<{PORT_MIN} + $SLURM_JOB_ID % {PORT_MAX - PORT_MIN + 1}>",  # type: ignore[arg-type]
-        num_processes=settings.world_size,
-    )
-    return " ".join(
-        arg if arg.startswith(("$", "<")) else shlex.quote(arg) for arg in job.command(placeholder)
-    )
-
-
-def describe_plan(plan: SubmissionPlan) -> str:
-    s = plan.settings
-    lines = [
-        f"job: {s.nodes} node(s) x {s.processes_per_node} process(es) = world size {s.world_size}, "
-        f"{s.launch}, time {s.time}, requeues <= {s.max_requeues}"
-    ]
-    if plan.output_dir:
-        lines.append(f"output_dir: {plan.output_dir}")
-    if plan.resume_note:
-        lines.append(f"resume: {plan.resume_note}")
-    return "\n".join(lines)
-
-
-def dry_run(plan: SubmissionPlan) -> str:
-    """What `--dry-run` prints: the plan, then per job its sbatch file and task command."""
-    s = plan.settings
-    parts = [describe_plan(plan), ""]
-    jobs = [("training", plan.train, None, s.job_name)]
-    if plan.evaluate is not None:
-        jobs.append(("evaluation", plan.evaluate, "afterok:TRAINING_JOB_ID", f"{s.job_name}-eval"))
-    for title, job, dependency, name in jobs:
-        executor = make_executor(
-            plan.folder, sbatch_parameters(s, name, dependency), job.max_requeues, render_only=True
-        )
-        parts += [
-            f"# ---- sbatch file of the {title} job (submitit; %j is the job id) ----",
-            sbatch_text(executor),
-            f"# ---- each of its {s.nodes} task(s) (one per node) runs ----",
-            node_command_text(job, s),
-            "",
-        ]
-    return "\n".join(parts)

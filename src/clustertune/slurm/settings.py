@@ -9,7 +9,7 @@ valid key, values decoded by draccus. Every value check is in `SlurmSettings.val
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clustertune.config import _field_paths, _unknown_key_error, config_from_dict, load_yaml_mapping
@@ -38,7 +38,8 @@ class SlurmSettings:
     cpus_per_task: int | None = None
     # Memory per node in GB (empty: the partition's default).
     mem_gb: float | None = None
-    # Wall-clock limit per run of the job, a quoted SLURM time: 'MM', 'HH:MM:SS' or 'D-HH:MM:SS'.
+    # Wall-clock limit per run of the job, a quoted SLURM time: 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH',
+    # 'D-HH:MM' or 'D-HH:MM:SS'.
     time: str = "01:00:00"
     # Node features to require (sbatch --constraint), e.g. a100.
     constraint: str | None = None
@@ -67,6 +68,13 @@ class SlurmSettings:
     def validate(self) -> SlurmSettings:
         """The one check of the values (each failure one UserError). Fills in the default of
         processes_per_node first (one per GPU), since the checks depend on it."""
+        check_no_control_characters(self)
+        for name in COUNTS:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(
+                    f"{name}={value} is negative; {COUNTS[name]} (--{name.replace('_', '-')})."
+                )
         if self.processes_per_node is None:
             if self.gpus_per_node < 1:
                 raise UserError(
@@ -77,8 +85,6 @@ class SlurmSettings:
         for name in ("nodes", "processes_per_node"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be at least 1.")
-        if self.gpus_per_node < 0 or self.max_requeues < 0:
-            raise UserError("gpus_per_node and max_requeues cannot be negative.")
         if self.gpus_per_node and self.processes_per_node > self.gpus_per_node:
             raise UserError(
                 f"processes_per_node={self.processes_per_node} is more than gpus_per_node="
@@ -99,24 +105,87 @@ class SlurmSettings:
         return self
 
 
+# The values that count something, and what a valid one is (negative ones are refused first).
+COUNTS = {
+    "nodes": "use at least 1",
+    "gpus_per_node": "use 0 for CPU-only nodes, else the GPUs of each node",
+    "processes_per_node": "use at least 1, or leave it unset for one per GPU",
+    "cpus_per_task": "use at least 1, or leave it unset for the partition's default",
+    "mem_gb": "use the memory per node in GB, or leave it unset for the partition's default",
+    "max_requeues": "use 0 for none",
+    "signal_delay_s": f"use at least {MIN_SIGNAL_DELAY_S} seconds",
+}
+TIME_FORMATS = "'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM' or 'D-HH:MM:SS'"
+# SLURM's time formats (sbatch --time): the first field is unbounded, every later one is a
+# field of a clock: hours 0-23 after days, minutes and seconds 0-59 after a larger unit.
+_TIME_FORMATS = (
+    (re.compile(r"(\d+)"), ("minutes",)),
+    (re.compile(r"(\d+):(\d+)"), ("minutes", "seconds")),
+    (re.compile(r"(\d+):(\d+):(\d+)"), ("hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)-(\d+)"), ("days", "hours")),
+    (re.compile(r"(\d+)-(\d+):(\d+)"), ("days", "hours", "minutes")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("days", "hours", "minutes", "seconds")),
+)
+_FIELD_LIMITS = {"hours": 23, "minutes": 59, "seconds": 59}
+_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
 def parse_time_minutes(value: str) -> int:
-    """SLURM time formats -> minutes (rounded up): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if match is None:
-        raise UserError(
-            f"time={value!r} is not a SLURM time; use 'MM', 'HH:MM:SS' or 'D-HH:MM:SS'."
-        )
-    days, first, second, third = match.groups()
-    if days is not None:  # D-H, D-H:M, D-H:M:S
-        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
-    elif third is not None:  # H:M:S
-        hours, minutes, seconds = int(first), int(second), int(third)
-    else:  # M or M:S
-        hours, minutes, seconds = 0, int(first), int(second or 0)
-    total_s = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    """A SLURM time (TIME_FORMATS) -> minutes, rounded up as SLURM does."""
+    matched = next(
+        ((names, match) for pattern, names in _TIME_FORMATS if (match := pattern.fullmatch(value))),
+        None,
+    )
+    if matched is None:
+        raise UserError(f"time={value!r} is not a SLURM time; use {TIME_FORMATS}.")
+    names, match = matched
+    numbers = [int(group) for group in match.groups()]
+    for position, (name, number) in enumerate(zip(names, numbers, strict=True)):
+        limit = _FIELD_LIMITS.get(name, number)
+        if position > 0 and number > limit:
+            raise UserError(
+                f"time={value!r}: {number} {name} is out of range (0-{limit} after "
+                f"{names[position - 1]}); use {TIME_FORMATS}, e.g. '1-12:00:00' for 36 hours."
+            )
+    total_s = sum(_SECONDS[name] * n for name, n in zip(names, numbers, strict=True))
     if total_s <= 0:
         raise UserError(f"time={value!r} is zero; give the job some time.")
     return -(-total_s // 60)
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character of `text` (a newline, a tab, ...), as Python writes it."""
+    found = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    return None if found is None else repr(found)
+
+
+def check_no_control_characters(settings: SlurmSettings) -> None:
+    """Every value ends up in an sbatch header line or a shell line of the job's script: a
+    newline would start another #SBATCH line or command. Refused, naming the setting."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        items: list[tuple[str, Any]]
+        if isinstance(value, dict):
+            items = [(f"{f.name} key {k!r}", k) for k in value]
+            items += [(f"{f.name}[{k!r}]", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{f.name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(f.name, value)]
+        for where, item in items:
+            found = _control_character(item) if isinstance(item, str) else None
+            if found is not None:
+                hint = " (one shell line per setup entry)" if f.name == "setup" else ""
+                raise UserError(
+                    f"{where}={item!r} holds the control character {found}, which would break "
+                    f"the job's sbatch script; remove it{hint}."
+                )
+    for name in settings.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UserError(
+                f"env key {name!r} is not an environment variable name (letters, digits and _, "
+                "not starting with a digit); fix it in the settings YAML."
+            )
 
 
 def load_settings(path: str | None, overrides: dict[str, Any]) -> SlurmSettings:

@@ -3,6 +3,7 @@
 A checked `SubmissionPlan` (clustertune.slurm.preflight) becomes one submitit job (its `LaunchJob`, one
 task per node), or two chained with afterok when the evaluation follows the training.
 `wait` follows the jobs with scontrol (sacct once the controller forgot them).
+`dry_run` renders what would be submitted: submitit's sbatch files and each task's command.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 # at start-up, before anything swaps the streams.
 import submitit
 
-from clustertune.slurm.job import job_fields
+from clustertune.slurm.env import PORT_MAX, PORT_MIN, NodeLaunch
+from clustertune.slurm.job import LaunchJob, job_fields
 from clustertune.slurm.settings import SlurmSettings, parse_time_minutes
 
 if TYPE_CHECKING:
@@ -201,3 +203,54 @@ def wait(submitted: list[Submitted], poll_s: float = 2.0) -> bool:
                 flush=True,
             )
     return ok
+
+
+# --------------------------------------------------------------------------- dry run (--dry-run)
+
+
+def node_command_text(job: LaunchJob, settings: SlurmSettings) -> str:
+    """The command every task runs, with SLURM's per-node values left as placeholders."""
+    placeholder = NodeLaunch(
+        num_machines=settings.nodes,
+        machine_rank="$SLURM_NODEID",  # type: ignore[arg-type]
+        main_process_ip="<address of the first node of $SLURM_JOB_NODELIST>",
+        main_process_port=f"<{PORT_MIN} + $SLURM_JOB_ID % {PORT_MAX - PORT_MIN + 1}>",  # type: ignore[arg-type]
+        num_processes=settings.world_size,
+    )
+    return " ".join(
+        arg if arg.startswith(("$", "<")) else shlex.quote(arg) for arg in job.command(placeholder)
+    )
+
+
+def describe_plan(plan: SubmissionPlan) -> str:
+    s = plan.settings
+    lines = [
+        f"job: {s.nodes} node(s) x {s.processes_per_node} process(es) = world size {s.world_size}, "
+        f"{s.launch}, time {s.time}, requeues <= {s.max_requeues}"
+    ]
+    if plan.output_dir:
+        lines.append(f"output_dir: {plan.output_dir}")
+    if plan.resume_note:
+        lines.append(f"resume: {plan.resume_note}")
+    return "\n".join(lines)
+
+
+def dry_run(plan: SubmissionPlan) -> str:
+    """What `--dry-run` prints: the plan, then per job its sbatch file and task command."""
+    s = plan.settings
+    parts = [describe_plan(plan), ""]
+    jobs = [("training", plan.train, None, s.job_name)]
+    if plan.evaluate is not None:
+        jobs.append(("evaluation", plan.evaluate, "afterok:TRAINING_JOB_ID", f"{s.job_name}-eval"))
+    for title, job, dependency, name in jobs:
+        executor = make_executor(
+            plan.folder, sbatch_parameters(s, name, dependency), job.max_requeues, render_only=True
+        )
+        parts += [
+            f"# ---- sbatch file of the {title} job (submitit; %j is the job id) ----",
+            sbatch_text(executor),
+            f"# ---- each of its {s.nodes} task(s) (one per node) runs ----",
+            node_command_text(job, s),
+            "",
+        ]
+    return "\n".join(parts)

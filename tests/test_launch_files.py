@@ -36,6 +36,8 @@ EXPECTED = {
     "zero2": ("DEEPSPEED", 8, "ds_configs/zero2.json", 2, False),
     "zero3": ("DEEPSPEED", 8, "ds_configs/zero3.json", 3, False),
     "zero3_offload": ("DEEPSPEED", 8, "ds_configs/zero3_offload.json", 3, True),
+    "fsdp2": ("FSDP", 8, None, 0, False),
+    "fsdp2_offload": ("FSDP", 8, None, 0, True),
 }
 
 # One 8-GPU node, flan-t5-base width: micro 4 x accumulation 2 x 8 ranks = 64 per step.
@@ -136,6 +138,43 @@ def test_deepspeed_config_of_launch_file_fills_completely(name, dtype):
         assert zero["stage3_param_persistence_threshold"] == 10 * D_MODEL
     # DeepSpeed's own schema for the ZeRO section accepts it (it forbids unknown keys)
     assert DeepSpeedZeroConfig(**zero).stage == stage
+
+
+FSDP_PROBE = """
+import json
+from transformers import LlamaConfig, T5Config
+from clustertune.fsdp import check_fsdp_settings, fsdp_settings
+settings = fsdp_settings()
+for model_config in (T5Config(), LlamaConfig()):
+    check_fsdp_settings(settings, "fp32", model_config)
+print(json.dumps({"version": settings.version, "offload": settings.offload_params}))
+"""
+
+
+@pytest.mark.parametrize("name", [name for name, e in sorted(EXPECTED.items()) if e[0] == "FSDP"])
+def test_fsdp2_launch_files_reach_the_processes_as_clustertune_reads_them(name, tmp_path):
+    """The settings `accelerate launch` exports from the file, read back in the process by
+    clustertune as a valid FSDP2 setup for a T5 and a Llama."""
+    import json
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(FSDP_PROBE)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / f"{name}.yaml"),
+        "--num_processes",
+        "1",
+        str(probe),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    read = json.loads(result.stdout.strip().splitlines()[-1])
+    assert read == {"version": 2, "offload": EXPECTED[name][4]}
 
 
 @pytest.mark.parametrize("ds_config", DS_CONFIGS, ids=lambda path: path.name)

@@ -41,9 +41,11 @@ from safetensors.torch import load_file, save_file
 from clustertune.atomicio import fsync_dir, write_json_atomic
 from clustertune.distributed import all_ranks_agree, decided_by_main, gather_from_all
 from clustertune.errors import UserError
+from clustertune.fsdp import load_sharded, save_sharded
 from clustertune.reshard import repair_zero3_universal_load, universal_for_resume
 from clustertune.run_folder import (
     DEEPSPEED_TAG,
+    FSDP_TAG,
     OPTIMIZER_FILE,
     SCHEDULER_FILE,
     TRAINABLE_FILE,
@@ -186,10 +188,12 @@ class Checkpointer:
         model: Any,
         optimizer: Any,
         scheduler: Any,
-        is_deepspeed: bool,
+        engine: str,
         trainer_state: dict[str, Any],
     ) -> Path:
-        """Collective: every rank must call it. Returns the completed folder."""
+        """Collective: every rank must call it. Returns the completed folder. `engine`: ddp
+        (the main process writes the whole trainable state), deepspeed (every rank its ZeRO
+        partition) or fsdp2 (every rank its shard, torch.distributed.checkpoint)."""
         accel, run = self.accelerator, self.run
         final, tmp = run.checkpoint(step), run.checkpoint_tmp(step)
         previous = run.latest_complete()
@@ -204,11 +208,15 @@ class Checkpointer:
         try:
             if accel.is_main_process:
                 fill_disk_for_test(f"step_{step}")
-            if is_deepspeed:
+            if engine == "deepspeed":
                 # every rank writes its own ZeRO partition of parameters and optimizer state,
                 # and the client state DeepSpeed's universal converter requires (reshard.py)
                 writing, in_engine = tmp / DEEPSPEED_TAG, True
                 model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state=universal_info())
+                in_engine = False
+            elif engine == "fsdp2":  # every rank writes its shard (DCP), in parallel
+                writing, in_engine = tmp / FSDP_TAG, True
+                save_sharded(writing, model, optimizer)
                 in_engine = False
             elif accel.is_main_process:
                 unwrapped = accel.unwrap_model(model)
@@ -240,9 +248,13 @@ class Checkpointer:
         if accel.is_main_process:
             with self._reported(tmp, tmp, previous):
                 write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-                zero_stage = model.zero_optimization_stage() if is_deepspeed else 0
+                zero_stage = model.zero_optimization_stage() if engine == "deepspeed" else 0
                 write_checkpoint_marker(
-                    tmp, step=step, world_size=accel.num_processes, zero_stage=zero_stage
+                    tmp,
+                    step=step,
+                    world_size=accel.num_processes,
+                    zero_stage=zero_stage,
+                    engine=engine,
                 )
                 fsync_dir(tmp)
                 self._make_way(final)
@@ -320,7 +332,7 @@ class Checkpointer:
         model: Any,
         optimizer: Any,
         scheduler: Any,
-        is_deepspeed: bool,
+        engine: str,
         log: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Collective. Restore model, optimizer, schedule and this rank's RNG; return the
@@ -332,7 +344,7 @@ class Checkpointer:
         accel = self.accelerator
         saved_world_size = read_checkpoint_marker(path)["world_size"]
         with launch_optimizer_settings(optimizer):
-            self._load_model_and_optimizer(path, model, optimizer, is_deepspeed, log)
+            self._load_model_and_optimizer(path, model, optimizer, engine, log)
         restore_schedule_position(scheduler, torch.load(path / SCHEDULER_FILE, weights_only=True))
         # RNG: rank r restores the state rank r saved. On more ranks than the checkpoint had,
         # rank r takes the state of rank r mod (saved world size): every rank starts from the
@@ -350,10 +362,12 @@ class Checkpointer:
         return json.loads((path / TRAINER_STATE).read_text())
 
     def _load_model_and_optimizer(
-        self, path: Path, model: Any, optimizer: Any, is_deepspeed: bool, log: Any
+        self, path: Path, model: Any, optimizer: Any, engine: str, log: Any
     ) -> None:
         accel = self.accelerator
-        if is_deepspeed:
+        if engine == "fsdp2":  # DCP reshards to this launch's world size as it reads
+            load_sharded(path / FSDP_TAG, model, optimizer)
+        elif engine == "deepspeed":
             load_dir = path
             if model.load_universal_checkpoint():
                 load_dir = universal_for_resume(path, is_main=accel.is_main_process, log=log)

@@ -37,6 +37,7 @@ from clustertune.reshard import convert_to_universal, saved_layout
 from clustertune.run_folder import (
     CHECKPOINT_MARKER,
     DEEPSPEED_TAG,
+    FSDP_TAG,
     TRAINABLE_FILE,
     TRAINER_STATE,
     UNIVERSAL_DIR,
@@ -80,6 +81,12 @@ def convert(checkpoint: Path, dest: Path, workers: int) -> str:
     if not own_cache and not (dest.exists() and (dest / UNIVERSAL_MARKER).is_file()):
         _free_destination(dest)
     saved = saved_layout(checkpoint)
+    if saved.is_fsdp:
+        raise UserError(
+            f"the checkpoint in {checkpoint} was made by FSDP2: torch.distributed.checkpoint "
+            "reshards it as it loads on any world size, so it needs no conversion; "
+            "`consolidate` writes its weights."
+        )
     if not saved.is_deepspeed:
         raise UserError(
             f"the checkpoint in {checkpoint} was made by {saved.label}: it holds the whole state "
@@ -96,7 +103,12 @@ def convert(checkpoint: Path, dest: Path, workers: int) -> str:
 
 def trained_state_dict(checkpoint: Path) -> dict[str, Any]:
     """fp32 tensors of the trained parameters, by the model's parameter names."""
-    if not saved_layout(checkpoint).is_deepspeed:
+    saved = saved_layout(checkpoint)
+    if saved.is_fsdp:  # every rank's shard, put together (the whole model's weights)
+        from clustertune.fsdp import read_full_state
+
+        return read_full_state(checkpoint / FSDP_TAG)["model"]
+    if not saved.is_deepspeed:
         from safetensors.torch import load_file
 
         return load_file(str(checkpoint / TRAINABLE_FILE))

@@ -153,6 +153,7 @@ def build_accelerator(
     project_dir: str,
     report_to: list[str],
     zero3_init: bool = False,
+    fsdp: bool = False,
 ) -> Any:
     """Create the Accelerator for this launch, correct on GPU and on CPU-only machines.
 
@@ -185,6 +186,11 @@ def build_accelerator(
         kwargs["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
     elif not has_cuda and launched_world_size() > 1:
         kwargs["cpu"] = True
+    if fsdp:  # clustertune shards the model itself (fsdp.py); accelerate places devices
+        from clustertune.fsdp import accelerate_without_fsdp
+
+        with accelerate_without_fsdp():
+            return Accelerator(**kwargs)
     return Accelerator(**kwargs)
 
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from clustertune.atomicio import write_json_atomic
+from clustertune.fsdp import full_model_state, is_sharded
 from clustertune.modeling import is_peft_model
 from clustertune.run_folder import FINAL_MARKER, RunFolder
 from clustertune.storage import fill_disk_for_test, reported_write_failures
@@ -38,8 +39,9 @@ def write_final(
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    # Collective: under ZeRO-3 every rank takes part in gathering the 16-bit weights.
-    state_dict = accelerator.get_state_dict(model)
+    # Collective: under ZeRO-3 every rank takes part in gathering the 16-bit weights, under
+    # FSDP2 in gathering every shard.
+    state_dict = full_model_state(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if is_main:
 
         def consequence() -> str:

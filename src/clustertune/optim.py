@@ -18,6 +18,7 @@ from clustertune.deepspeed_config import (
     offloads_optimizer,
 )
 from clustertune.distributed import DDPStepper, DeepSpeedStepper
+from clustertune.fsdp import FSDPStepper, shard_model
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -111,7 +112,9 @@ def prepare_optimization(
     *,
     log: Callable[[str], None],
     total_steps: int,
-) -> tuple[Any, Any, Any, DDPStepper | DeepSpeedStepper]:
+    fsdp: Any = None,
+    dtype: str = "fp32",
+) -> tuple[Any, Any, Any, DDPStepper | DeepSpeedStepper | FSDPStepper]:
     """Optimizer, LR schedule and stepper for `model`, prepared by the Accelerator:
     (model or DeepSpeed engine, optimizer, schedule, stepper).
 
@@ -119,7 +122,21 @@ def prepare_optimization(
     from the transformers guide): their "auto"s need train.* and the run length, known only
     now, and are filled in the dict accelerate's plugin hands to deepspeed.initialize. Then
     DeepSpeed builds what the JSON names; otherwise ours (AdamW + LambdaLR) is used.
+
+    Under FSDP2 (`fsdp`: the launch file's settings) the model is sharded here with torch's
+    fully_shard and the optimizer built on its sharded parameters (fsdp.py says why not by
+    accelerator.prepare).
     """
+    if fsdp is not None:
+        model = shard_model(model, fsdp, dtype, accelerator.device)
+        optimizer = build_optimizer(model, train_cfg, None)
+        scheduler = build_scheduler(optimizer, train_cfg, total_steps)
+        return (
+            model,
+            optimizer,
+            scheduler,
+            FSDPStepper(model, optimizer, scheduler, train_cfg.max_grad_norm),
+        )
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     ds_config = plugin.deepspeed_config if plugin is not None else None
     deepspeed_schedules = False

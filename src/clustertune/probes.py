@@ -26,6 +26,7 @@ from clustertune.config import FinetuneConfig
 from clustertune.data import IGNORE_INDEX, Collator, column
 from clustertune.deepspeed_config import fill_hidden_size_autos, fill_optimizer_autos
 from clustertune.distributed import all_ranks_agree
+from clustertune.fsdp import shard_model
 from clustertune.modeling import build_model
 from clustertune.optim import build_optimizer, token_loss_sum
 from clustertune.run_folder import RunFolder
@@ -86,6 +87,15 @@ def training_probe(
                 engine.backward(token_loss_sum(engine, batch, kind) / batch["labels"].numel())
 
             return forward_backward, engine.step, engine.destroy
+        if runtime.fsdp is not None:  # sharded as the run shards it: its memory per rank
+            model = shard_model(model, runtime.fsdp, runtime.dtype, runtime.device)
+            optimizer = build_optimizer(model, cfg.train, None)
+
+            def sharded_forward_backward(batch: dict[str, torch.Tensor]) -> None:
+                # collective (all-gathers, reduce-scatters), as a ZeRO engine's probe is
+                (token_loss_sum(model, batch, kind) / batch["labels"].numel()).backward()
+
+            return sharded_forward_backward, optimizer.step, lambda: None
         optimizer = build_optimizer(model, cfg.train, None)
         model.to(runtime.device)
 
@@ -128,6 +138,7 @@ def find_micro_batch(
         dtype=runtime.dtype,
         peft=dataclasses.asdict(cfg.peft),
         deepspeed=runtime.deepspeed_template,
+        fsdp=dataclasses.asdict(runtime.fsdp) if runtime.fsdp else None,
         world_size=world_size,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         kind=runtime.kind,

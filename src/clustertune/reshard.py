@@ -64,22 +64,30 @@ VISIBLE_TIMEOUT_S = 120.0  # other nodes: how long to wait for universal/ to sho
 # ----------------------------------------------------------------------------- what a folder holds
 @dataclass(frozen=True)
 class SavedLayout:
-    """How a checkpoint was made: its world size and ZeRO stage."""
+    """How a checkpoint was made: its world size, ZeRO stage and engine."""
 
     world_size: int
-    # 0: no DeepSpeed (DDP or one process); None: ZeRO-1 or 2, made before the stage was recorded
+    # 0: no DeepSpeed (DDP, one process or FSDP2); None: ZeRO-1 or 2, made before the stage
+    # was recorded
     zero_stage: int | None
+    engine: str = ""  # ddp | deepspeed | fsdp2; empty: from zero_stage
 
     @property
     def is_deepspeed(self) -> bool:
         return self.zero_stage != 0
 
     @property
+    def is_fsdp(self) -> bool:
+        return self.engine == "fsdp2"
+
+    @property
     def label(self) -> str:
-        return strategy_name(self.zero_stage, self.world_size)
+        return strategy_name(self.zero_stage, self.world_size, self.engine)
 
 
-def strategy_name(zero_stage: int | None, world_size: int) -> str:
+def strategy_name(zero_stage: int | None, world_size: int, engine: str = "") -> str:
+    if engine == "fsdp2":
+        return "FSDP2"
     if zero_stage is None:
         return "ZeRO-1/2"
     if zero_stage:
@@ -93,7 +101,7 @@ def saved_layout(checkpoint: Path) -> SavedLayout:
     ZeRO-1/2 writes one mp_rank_00_model_states.pt."""
     marker = read_checkpoint_marker(checkpoint)
     if "zero_stage" in marker:
-        return SavedLayout(marker["world_size"], marker["zero_stage"])
+        return SavedLayout(marker["world_size"], marker["zero_stage"], marker.get("engine", ""))
     engine = checkpoint / DEEPSPEED_TAG
     if not engine.is_dir():
         return SavedLayout(marker["world_size"], 0)
@@ -101,20 +109,32 @@ def saved_layout(checkpoint: Path) -> SavedLayout:
     return SavedLayout(marker["world_size"], 3 if stage3 else None)
 
 
-def _family(zero_stage: int | None) -> str:
+def _family(zero_stage: int | None, engine: str = "") -> str:
     """Stages whose universal checkpoints load into each other (DeepSpeed writes ZeRO-1 and 2
-    through one optimizer class; ZeRO-3's optimizer_state.pt has another layout)."""
+    through one optimizer class; ZeRO-3's optimizer_state.pt has another layout); FSDP2's
+    DCP checkpoints load into FSDP2 on any world size."""
+    if engine == "fsdp2":
+        return "fsdp2"
     return {0: "none", 3: "zero3"}.get(zero_stage, "zero12")  # type: ignore[arg-type]
 
 
-def resume_plan(checkpoint: Path, *, world_size: int, zero_stage: int) -> str | None:
-    """How this launch (world_size ranks, ZeRO stage zero_stage, 0 without DeepSpeed) resumes
-    `checkpoint`: None when the saved state loads as it is, a note when it is resharded (a
-    universal checkpoint is loaded), or a UserError with what is possible."""
+def resume_plan(
+    checkpoint: Path, *, world_size: int, zero_stage: int, engine: str = ""
+) -> str | None:
+    """How this launch (world_size ranks, ZeRO stage zero_stage, 0 without DeepSpeed; engine
+    fsdp2 for FSDP2) resumes `checkpoint`: None when the saved state loads as it is, a note
+    when it is resharded, or a UserError with what is possible."""
     saved = saved_layout(checkpoint)
-    now = strategy_name(zero_stage, world_size)
-    if _family(saved.zero_stage) != _family(zero_stage):
+    now = strategy_name(zero_stage, world_size, engine)
+    if _family(saved.zero_stage, saved.engine) != _family(zero_stage, engine):
         raise UserError(other_strategy_message(checkpoint, saved, now))
+    if saved.is_fsdp:
+        if saved.world_size == world_size:
+            return None
+        return (
+            f"{checkpoint} was saved by FSDP2 on {saved.world_size} rank(s), this launch has "
+            f"{world_size}: torch.distributed.checkpoint reshards it as it loads."
+        )
     if not saved.is_deepspeed:
         if saved.world_size == world_size:
             return None
@@ -139,7 +159,9 @@ def resume_plan(checkpoint: Path, *, world_size: int, zero_stage: int) -> str | 
 def other_strategy_message(checkpoint: Path, saved: SavedLayout, now: str) -> str:
     """One line: `checkpoint` cannot continue under `now`, and which launch files can."""
     what = f"the checkpoint in {checkpoint} was made by {saved.label} on {saved.world_size} rank(s)"
-    if not saved.is_deepspeed:
+    if saved.is_fsdp:
+        possible = "launch/fsdp2.yaml or launch/fsdp2_offload.yaml (any number of processes)"
+    elif not saved.is_deepspeed:
         possible = "launch/ddp.yaml or launch/single_gpu.yaml (any number of processes)"
     elif _family(saved.zero_stage) == "zero3":
         possible = "launch/zero3.yaml or launch/zero3_offload.yaml (any number of processes)"
@@ -148,7 +170,7 @@ def other_strategy_message(checkpoint: Path, saved: SavedLayout, now: str) -> st
     export = (
         f", or write its weights out with `clustertune-checkpoint consolidate {checkpoint} "
         "DEST` (weights only: the Adam moments do not carry over)"
-        if saved.is_deepspeed
+        if saved.is_deepspeed or saved.is_fsdp
         else ""
     )
     return (

@@ -64,6 +64,7 @@ SCHEDULER_FILE = "scheduler.pt"
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_TAG = "engine"  # DeepSpeed's checkpoint tag: its files live in step_N/engine/
+FSDP_TAG = "dcp"  # FSDP2: torch.distributed.checkpoint's shards live in step_N/dcp/
 UNIVERSAL_DIR = "universal"
 UNIVERSAL_MARKER = "UNIVERSAL.json"  # inside universal/, written before its rename
 UNIVERSAL_LOCK = ".universal.lock"
@@ -230,13 +231,23 @@ def checkpoint_files(folder: Path) -> list[str]:
     return names
 
 
-def write_checkpoint_marker(folder: Path, *, step: int, world_size: int, zero_stage: int) -> None:
-    """COMPLETE.json, written last: the checkpoint is whole and these are its files."""
+def write_checkpoint_marker(
+    folder: Path, *, step: int, world_size: int, zero_stage: int, engine: str = ""
+) -> None:
+    """COMPLETE.json, written last: the checkpoint is whole and these are its files. `engine`
+    (ddp, deepspeed, fsdp2) says which layout the model and optimizer state are in."""
     files = {
         name: {"size": (folder / name).stat().st_size, "crc32": crc32_of(folder / name)}
         for name in checkpoint_files(folder)
     }
-    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    engine = engine or ("deepspeed" if zero_stage else "ddp")
+    marker = {
+        "step": step,
+        "world_size": world_size,
+        "zero_stage": zero_stage,
+        "engine": engine,
+        "files": files,
+    }
     write_json_atomic(folder / CHECKPOINT_MARKER, marker)
 
 
@@ -317,6 +328,7 @@ def _ours_without_marker(entry: Path) -> bool:
             TRAINABLE_FILE,
             OPTIMIZER_FILE,
             DEEPSPEED_TAG,
+            FSDP_TAG,
             *_DEEPSPEED_EXTRAS,
         )
         or re.fullmatch(r"rng_rank\d+\.pt", name) is not None

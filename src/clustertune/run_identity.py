@@ -31,6 +31,7 @@ from clustertune.reshard import other_strategy_message, resume_plan, saved_layou
 from clustertune.run_folder import (
     CHECKPOINT_MARKER,
     DEEPSPEED_TAG,
+    FSDP_TAG,
     OPTIMIZER_FILE,
     SCHEDULER_FILE,
     TRAINABLE_FILE,
@@ -241,35 +242,50 @@ def resume_path(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def missing_checkpoint_files(path: Path, *, is_deepspeed: bool) -> list[str]:
+# Where each engine keeps the model and optimizer state in a checkpoint folder.
+ENGINE_FILES = {
+    "deepspeed": [f"{DEEPSPEED_TAG}/"],
+    "fsdp2": [f"{FSDP_TAG}/"],
+    "ddp": [TRAINABLE_FILE, OPTIMIZER_FILE],
+}
+ENGINE_NAMES = {
+    "deepspeed": "a DeepSpeed (ZeRO) launch",
+    "fsdp2": "an FSDP2 launch",
+    "ddp": "a DDP or one-process launch",
+}
+
+
+def saved_engine(path: Path) -> str | None:
+    """The engine whose files a checkpoint folder holds (None: none of them)."""
+    for engine, files in ENGINE_FILES.items():
+        if (path / files[0].rstrip("/")).exists():
+            return engine
+    return None
+
+
+def missing_checkpoint_files(path: Path, *, engine: str) -> list[str]:
     """What a resume needs from a checkpoint folder and `path` lacks (our own layout,
-    checkpoint.Checkpointer.save; DeepSpeed's engine files live in one folder)."""
-    needed = [CHECKPOINT_MARKER, TRAINER_STATE, SCHEDULER_FILE]
-    needed += [f"{DEEPSPEED_TAG}/"] if is_deepspeed else [TRAINABLE_FILE, OPTIMIZER_FILE]
+    checkpoint.Checkpointer.save; DeepSpeed's and DCP's files live in one folder each)."""
+    needed = [CHECKPOINT_MARKER, TRAINER_STATE, SCHEDULER_FILE, *ENGINE_FILES[engine]]
     return [name for name in needed if not (path / name.rstrip("/")).exists()]
 
 
-def check_checkpoint_folder(path: Path, *, is_deepspeed: bool) -> None:
+def check_checkpoint_folder(path: Path, *, engine: str) -> None:
     """Refuse a resume folder that is not a whole checkpoint, naming what is missing."""
     if not path.is_dir():
         raise UserError(
             f"resume='{path}' is not a folder; use auto, never, or a checkpoints/step_N path."
         )
-    missing = missing_checkpoint_files(path, is_deepspeed=is_deepspeed)
+    missing = missing_checkpoint_files(path, engine=engine)
     if not missing:
         return
-    made_by_deepspeed = (path / DEEPSPEED_TAG).is_dir()
-    if made_by_deepspeed != is_deepspeed and (
-        made_by_deepspeed or (path / TRAINABLE_FILE).is_file()
-    ):
+    made_by = saved_engine(path)
+    if made_by is not None and made_by != engine:
         if (
             path / CHECKPOINT_MARKER
         ).is_file():  # says which launch files (any world size) can resume it
-            now = "DeepSpeed (ZeRO)" if is_deepspeed else "a launch without DeepSpeed"
-            raise UserError(other_strategy_message(path, saved_layout(path), now))
-        made_with = (
-            "a DeepSpeed (ZeRO) launch" if made_by_deepspeed else "a launch without DeepSpeed"
-        )
+            raise UserError(other_strategy_message(path, saved_layout(path), ENGINE_NAMES[engine]))
+        made_with = ENGINE_NAMES[made_by]
         raise UserError(
             f"the checkpoint in {path} was made by {made_with}; resume it with the launch file "
             "it was made with, or start a new output_dir."
@@ -289,12 +305,15 @@ def check_resumable(
     world_size: int,
     ds_config: dict | None,
     extra: dict[str, Any] | None = None,
+    engine: str = "",
 ) -> str | None:
     """Refuse a checkpoint made with other settings, or by a strategy this launch cannot
     continue, before any weights are loaded; return the log lines that say what changed
     (allow_config_change=true) and how it resumes on another world size (reshard.resume_plan).
-    `ds_config` is the launch's DeepSpeed JSON (None without DeepSpeed)."""
-    check_checkpoint_folder(path, is_deepspeed=ds_config is not None)
+    `ds_config` is the launch's DeepSpeed JSON (None without DeepSpeed); `engine` (ddp,
+    deepspeed, fsdp2; empty: from ds_config) what shards the model."""
+    engine = engine or ("deepspeed" if ds_config is not None else "ddp")
+    check_checkpoint_folder(path, engine=engine)
     state = json.loads((path / TRAINER_STATE).read_text())
     changes = changed_settings(state, cfg, total_steps, extra)
     _refuse_other_parameters(path, changes, what=f"the checkpoint in {path}")
@@ -306,7 +325,9 @@ def check_resumable(
         )
     # Another world size: DDP / one-process checkpoints load as they are, ZeRO ones through
     # DeepSpeed's universal checkpoint (reshard.py); another strategy is refused here.
-    reshard_note = resume_plan(path, world_size=world_size, zero_stage=zero_stage(ds_config))
+    reshard_note = resume_plan(
+        path, world_size=world_size, zero_stage=zero_stage(ds_config), engine=engine
+    )
     notes = [reshard_note] if reshard_note else []
     if changes:
         notes.insert(

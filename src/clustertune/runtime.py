@@ -28,6 +28,7 @@ from clustertune.distributed import (
     launched_world_size,
     leave_process_group,
 )
+from clustertune.fsdp import FSDPSettings, check_fsdp_settings, fsdp_settings
 from clustertune.modeling import load_model_config, model_kind, resolve_dtype
 from clustertune.storage import check_writable, remove_stale_probes
 
@@ -38,10 +39,12 @@ def check_output_dir(output_dir: Path) -> None:
     check_writable(output_dir, f"output_dir '{output_dir}'")
 
 
-def strategy_label(ds_config: dict | None, world_size: int) -> str:
-    """How the model is spread over the ranks, for logs: ZeRO-N, DDP or single process."""
+def strategy_label(ds_config: dict | None, world_size: int, fsdp: Any = None) -> str:
+    """How the model is spread over the ranks, for logs: ZeRO-N, FSDP2, DDP or single process."""
     if ds_config is not None:
         return f"ZeRO-{zero_stage(ds_config)}"
+    if fsdp is not None:
+        return fsdp.describe()
     return "DDP" if world_size > 1 else "single process"
 
 
@@ -55,6 +58,9 @@ class Runtime:
     # The DeepSpeed JSON of the launch file as written ("auto" entries kept until the
     # micro-batch size is known, e.g. after auto batch sizing); None without DeepSpeed.
     deepspeed_template: dict | None
+    # The launch file's FSDP2 settings (fsdp.py: clustertune shards the model itself); None
+    # without FSDP.
+    fsdp: FSDPSettings | None = None
     # Set by start(): accelerate's PartialState (process index, device, main_process_first).
     process_state: Any = field(default=None, repr=False)
     # Set by make_accelerator(): the one Accelerator of this process.
@@ -78,6 +84,9 @@ class Runtime:
                 max_grad_norm=1.0,
                 dtype=dtype,
             )
+        fsdp = fsdp_settings()
+        if fsdp is not None:
+            check_fsdp_settings(fsdp, dtype, model_config)
         return cls(
             output_dir=output_dir,
             world_size=world_size,
@@ -85,11 +94,17 @@ class Runtime:
             kind=model_kind(model_config),
             dtype=dtype,
             deepspeed_template=template,
+            fsdp=fsdp,
         )
 
     @property
     def is_deepspeed(self) -> bool:
         return self.deepspeed_template is not None
+
+    @property
+    def engine(self) -> str:
+        """What shards and steps the model: deepspeed, fsdp2, or ddp (DDP or one process)."""
+        return "deepspeed" if self.is_deepspeed else "fsdp2" if self.fsdp else "ddp"
 
     # ------------------------------------------------------------ every rank
     def start(self, seed: int) -> None:
@@ -131,6 +146,7 @@ class Runtime:
                 project_dir=str(self.output_dir),
                 report_to=report_to,
                 zero3_init=zero_stage(ds_config) == 3,
+                fsdp=self.fsdp is not None,
             )
         return self.accelerator
 

@@ -140,6 +140,7 @@ class Trainer:
                 world_size=runtime.world_size,
                 ds_config=runtime.deepspeed_template,
                 extra=self.identity,
+                engine=runtime.engine,
             )
             notes += [resume_note] if resume_note else []
         self._check_outputs_fit(resume_from)
@@ -228,7 +229,7 @@ class Trainer:
         # waits for the run length, in _setup_model)
         check_optimizer_and_scheduler(runtime.deepspeed_template, cfg.train)
         if cfg.resume not in ("auto", "never"):  # the launch decides which files it needs
-            check_checkpoint_folder(Path(cfg.resume), is_deepspeed=runtime.is_deepspeed)
+            check_checkpoint_folder(Path(cfg.resume), engine=runtime.engine)
         if cfg.resume == "never" and (self.run.checkpoints.is_dir() or self.run.final.is_dir()):
             raise UserError(
                 f"output_dir '{self.output_dir}' already holds a run and resume=never would "
@@ -263,7 +264,7 @@ class Trainer:
         runtime.log(
             f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
             f"{runtime.kind}, {cfg.peft.method}, dtype {runtime.dtype}, "
-            f"{strategy_label(self.ds_config, runtime.world_size)}"
+            f"{strategy_label(self.ds_config, runtime.world_size, runtime.fsdp)}"
         )
         model, optimizer, scheduler, self.stepper = prepare_optimization(
             model,
@@ -271,6 +272,8 @@ class Trainer:
             accel,
             log=runtime.log,
             total_steps=self.total_steps,
+            fsdp=runtime.fsdp,
+            dtype=runtime.dtype,
         )
         if runtime.is_deepspeed:  # now with the optimizer / scheduler "auto"s filled
             self.ds_config = accel.state.deepspeed_plugin.deepspeed_config
@@ -286,7 +289,7 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            is_deepspeed=self.runtime.is_deepspeed,
+            engine=self.runtime.engine,
             log=self.runtime.log,
         )
         self.start_step = state["step"]
@@ -496,7 +499,7 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            is_deepspeed=self.runtime.is_deepspeed,
+            engine=self.runtime.engine,
             trainer_state=state,
         )
         self.runtime.log(f"checkpoint saved: {path} ({time.perf_counter() - start:.2f} s)")

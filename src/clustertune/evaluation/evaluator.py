@@ -65,6 +65,7 @@ from clustertune.evaluation.evalset import (
 )
 from clustertune.evaluation.prompts import stop_token_ids
 from clustertune.evaluation.report import build_report, write_outputs
+from clustertune.fsdp import shard_model
 from clustertune.modeling import build_model, load_tokenizer, zero3_init_disabled
 from clustertune.run_folder import CONFIG_FILE, EvalFolder
 from clustertune.runtime import Runtime, strategy_label
@@ -80,7 +81,9 @@ class Evaluator:
     # ------------------------------------------------------------ set in setup()
     runtime: Runtime  # world size, model config, kind, dtype, process group (runtime.py)
     ds_config: dict | None  # filled DeepSpeed JSON (ZeRO-1/2 become stage 0); None: DDP
-    zero3: bool  # parameters partitioned: every rank must make the same generate calls
+    zero3: bool  # ZeRO-3: DeepSpeed partitions the parameters
+    # parameters partitioned (ZeRO-3 or FSDP2): every rank must make the same generate calls
+    sharded: bool
     strategy: str  # for logs and rouge.json, e.g. "ZeRO-3" or "DDP"
     accelerator: Any
     tokenizer: Any
@@ -134,7 +137,8 @@ class Evaluator:
             self.ds_config.pop("optimizer", None)
             self.ds_config.pop("scheduler", None)
         self.zero3 = zero_stage(self.ds_config) == 3
-        self.strategy = strategy_label(self.ds_config, runtime.world_size)
+        self.sharded = self.zero3 or runtime.fsdp is not None
+        self.strategy = strategy_label(self.ds_config, runtime.world_size, runtime.fsdp)
         if self.ds_config is not None and not self.zero3:
             # ZeRO-1/2 shard optimizer states and gradients, which inference has none of
             # (DeepSpeed refuses stage 1/2 without an optimizer); the weights are replicated
@@ -223,6 +227,10 @@ class Evaluator:
         if self.ds_config is not None:
             # ZeRO-3: the engine partitions the weights; its forward hooks gather them per layer.
             self.model = accel.prepare(model)
+        elif self.runtime.fsdp is not None:
+            # FSDP2: each block's weights gathered for its forward and freed after, as in
+            # training; generation keeps every rank stepping together (synced_gpus)
+            self.model = shard_model(model, self.runtime.fsdp, self.dtype, accel.device)
         else:
             # DDP: one replica per rank and nothing to all-reduce, so no DDP wrapper (which also
             # refuses a model without trainable parameters): device placement and autocast only.
@@ -290,7 +298,7 @@ class Evaluator:
         def run_generate(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             with torch.no_grad(), self.accelerator.autocast():
                 output = self.generator.generate(
-                    **inputs, **kwargs, pad_token_id=pad, synced_gpus=self.zero3
+                    **inputs, **kwargs, pad_token_id=pad, synced_gpus=self.sharded
                 )
             return output.to("meta")  # only its shape goes into the trace
 
@@ -348,7 +356,9 @@ class Evaluator:
         cfg, accel, es = self.cfg, self.accelerator, self.eval_set
         tokenizer = self.tokenizer
         batches = make_batches([len(p) for p in es.prompt_ids], self.batch_size, cfg.sort_by_length)
-        mine = deal_to_ranks(batches, self.world_size, accel.process_index, equal_calls=self.zero3)
+        mine = deal_to_ranks(
+            batches, self.world_size, accel.process_index, equal_calls=self.sharded
+        )
         kwargs = {**generate_kwargs(cfg.generation), "eos_token_id": self.stop_ids}
         progress = None
         if self.is_main:
@@ -368,7 +378,10 @@ class Evaluator:
             with accel.autocast():
                 # synced_gpus (ZeRO-3): every rank keeps stepping until all ranks' batches are done.
                 output = self.generator.generate(
-                    **inputs, **kwargs, pad_token_id=tokenizer.pad_token_id, synced_gpus=self.zero3
+                    **inputs,
+                    **kwargs,
+                    pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=self.sharded,
                 )
             # Decoder-only output repeats the (left-padded) prompt: the new tokens start after its
             # width. Encoder-decoder output opens with the decoder start token.

@@ -40,9 +40,10 @@ from safetensors.torch import load_file, save_file
 
 from clustertune.atomicio import fsync_dir, write_json_atomic
 from clustertune.distributed import all_ranks_agree, decided_by_main, gather_from_all
+from clustertune.engine_moves import load_universal_into_fsdp
 from clustertune.errors import UserError
 from clustertune.fsdp import load_sharded, save_sharded
-from clustertune.reshard import repair_zero3_universal_load, universal_for_resume
+from clustertune.reshard import repair_zero3_universal_load, saved_layout, universal_for_resume
 from clustertune.run_folder import (
     DEEPSPEED_TAG,
     FSDP_TAG,
@@ -365,7 +366,11 @@ class Checkpointer:
         self, path: Path, model: Any, optimizer: Any, engine: str, log: Any
     ) -> None:
         accel = self.accelerator
-        if engine == "fsdp2":  # DCP reshards to this launch's world size as it reads
+        saved = saved_layout(path)
+        if engine == "fsdp2" and saved.is_deepspeed:  # a ZeRO run continued under FSDP2
+            universal = universal_for_resume(path, is_main=accel.is_main_process, log=log)
+            load_universal_into_fsdp(universal / DEEPSPEED_TAG, model, optimizer)
+        elif engine == "fsdp2":  # DCP reshards to this launch's world size as it reads
             load_sharded(path / FSDP_TAG, model, optimizer)
         elif engine == "deepspeed":
             load_dir = path

@@ -126,6 +126,12 @@ def resume_plan(
     when it is resharded, or a UserError with what is possible."""
     saved = saved_layout(checkpoint)
     now = strategy_name(zero_stage, world_size, engine)
+    if engine == "fsdp2" and saved.is_deepspeed:
+        return (
+            f"{checkpoint} was saved by {saved.label} on {saved.world_size} rank(s), this launch "
+            f"is FSDP2 on {world_size}: its weights and Adam moments are read from DeepSpeed's "
+            f"universal form of it (converted once into {checkpoint / UNIVERSAL_DIR})."
+        )
     if _family(saved.zero_stage, saved.engine) != _family(zero_stage, engine):
         raise UserError(other_strategy_message(checkpoint, saved, now))
     if saved.is_fsdp:

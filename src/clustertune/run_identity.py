@@ -263,9 +263,17 @@ def saved_engine(path: Path) -> str | None:
     return None
 
 
+# Checkpoints one engine continues from another's (engine_moves.py): (saved, this launch's).
+ENGINE_MOVES = {("deepspeed", "fsdp2"), ("fsdp2", "deepspeed")}
+
+
 def missing_checkpoint_files(path: Path, *, engine: str) -> list[str]:
     """What a resume needs from a checkpoint folder and `path` lacks (our own layout,
-    checkpoint.Checkpointer.save; DeepSpeed's and DCP's files live in one folder each)."""
+    checkpoint.Checkpointer.save; DeepSpeed's and DCP's files live in one folder each). A
+    checkpoint of an engine this one can continue from needs that engine's files."""
+    made_by = saved_engine(path)
+    if made_by is not None and (made_by, engine) in ENGINE_MOVES:
+        engine = made_by
     needed = [CHECKPOINT_MARKER, TRAINER_STATE, SCHEDULER_FILE, *ENGINE_FILES[engine]]
     return [name for name in needed if not (path / name.rstrip("/")).exists()]
 

@@ -168,6 +168,13 @@ def prepare_shard(
         rows = _load_split_rows(source, split)
         part = shard_rows(shard.index, shard.count, len(rows))
         tmp = prepared.begin(shard)
+        if not part:  # more shards than rows (a short eval split): a shard with no rows
+            empty = {"rows": 0, "examples": 0, "tokens": 0, "trained_tokens": 0, "seconds": 0}
+            log(
+                f"prepared {source.name}/{shard.split} shard {shard.index + 1} of {shard.count}: "
+                f"no rows (the split has {len(rows):,} rows for {shard.count} shards)"
+            )
+            return prepared.commit(shard, tmp, None, empty)
         tokenized = tokenize_rows(
             rows.select(part),
             tokenizer,

@@ -172,8 +172,9 @@ class PreparedSet:
     def commit(self, shard: Shard, tmp: Path, dataset: Any, stats: dict[str, Any]) -> dict:
         """Make `tmp` the shard: `dataset` must live in Arrow files inside it (written there
         by the tokenising map); its record goes in last, then the folder is renamed into
-        place. Arrow files of `tmp` the dataset does not use (rows since skipped) go."""
-        arrow = [Path(f["filename"]).name for f in dataset.cache_files]
+        place. Arrow files of `tmp` the dataset does not use (rows since skipped) go. A shard
+        with no rows (dataset None) is a record without Arrow files."""
+        arrow = [] if dataset is None else [Path(f["filename"]).name for f in dataset.cache_files]
         assert all((tmp / name).is_file() for name in arrow), "the shard's rows are not in tmp"
         for path in tmp.glob("*"):
             if path.name not in arrow:

@@ -93,6 +93,26 @@ def test_a_shard_killed_mid_write_is_made_again(tmp_path):
     assert rows_of(folder) == rows_of(reference)
 
 
+def test_more_shards_than_rows_leaves_empty_shards_and_the_same_rows(
+    tmp_path, monkeypatch, capsys, smoke_assets
+):
+    """4 shards of a 3-row eval split: one of them holds no rows, and the set reads the same
+    rows as one shard (as N SLURM array tasks for a large train split and a short eval one)."""
+    from clustertune import data_cli
+
+    monkeypatch.chdir(REPO)
+    config = ["--config", "recipes/configs/smoke/lora.yaml", "--data.max_eval_examples=3"]
+    four, one = tmp_path / "four", tmp_path / "one"
+    for index in range(4):
+        shard = ["--shard", f"{index}/4"]
+        assert data_cli.main(["prepare", *config, f"--data.prepared_dir={four}", *shard]) == 0
+    out = capsys.readouterr().out
+    assert "prepared data/eval shard 1 of 4: no rows (the split has 3 rows for 4 shards)" in out
+    assert "(complete;" in out
+    assert data_cli.main(["prepare", *config, f"--data.prepared_dir={one}"]) == 0
+    assert rows_of(four) == rows_of(one) and len(rows_of(one)["eval"][0]) == 3
+
+
 def test_a_damaged_or_foreign_shard_is_named_and_made_again(tmp_path):
     folder, other = tmp_path / "prepared", tmp_path / "other"
     assert prepare(f"--data.prepared_dir={folder}", "--shard", "0/2").returncode == 0

@@ -4,25 +4,13 @@ after the training would refuse. No SLURM needed: preflight runs before submissi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-from helpers import REPO
 from test_slurm_submit import RECIPE, submit
 
 from clustertune.errors import UserError
 from clustertune.sampler import check_batch_arithmetic
 
 CLUSTER = ["--config", "slurm/dev-cluster.yaml"]
-
-
-@pytest.fixture
-def no_slurm(monkeypatch):
-    """A PATH without sinfo/srun/scontrol/sbatch (as tests/test_slurm_submit.py): nothing can
-    be submitted, and preflight must not need a cluster."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
 
 
 def one_line_error(code: int, out: str, err: str) -> str:

@@ -110,34 +110,27 @@ def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int], colour:
 
 def _prepare(args: argparse.Namespace, config_argv: list[str]) -> int:
     from clustertune.config import FinetuneConfig, parse_config
-    from clustertune.modeling import load_model_config, load_tokenizer, model_kind
-    from clustertune.prepare import open_prepared, parse_shard, plan_sources, prepare_shard
-    from clustertune.training_data import check_data_for_model
+    from clustertune.prepare import open_prepared, parse_shard, plan_preparation, prepare_shard
 
     shard = parse_shard(args.shard) if args.shard else None
     if args.num_proc is not None and args.num_proc < 1:
         raise UserError(f"--num_proc={args.num_proc}: give at least 1 process.")
-    cfg = parse_config(FinetuneConfig, config_argv)
-    if not (cfg.data.train_file or cfg.data.dataset or cfg.data.mixture):
-        raise UserError("no training data: set data.train_file, data.dataset or data.mixture.")
-    kind = model_kind(load_model_config(cfg.model.name_or_path))
-    check_data_for_model(cfg.data, kind)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    sources = plan_sources(cfg, tokenizer, kind)
-    prepared = open_prepared(cfg, tokenizer, kind, sources, count=shard[1] if shard else None)
-    by_name = {source.name: source for source in sources}
-    num_proc = args.num_proc or cfg.data.num_proc
+    plan = plan_preparation(parse_config(FinetuneConfig, config_argv))
+    prepared = open_prepared(
+        plan.cfg, plan.tokenizer, plan.kind, plan.sources, count=shard[1] if shard else None
+    )
+    by_name = {source.name: source for source in plan.sources}
+    num_proc = args.num_proc or plan.cfg.data.num_proc
     started, rows = time.perf_counter(), 0
     for part in prepared.shards():
         if shard is None or part.index == shard[0]:
             record = prepare_shard(
-                prepared, part, by_name[part.source], tokenizer, num_proc=num_proc, log=_say
+                prepared, part, by_name[part.source], plan.tokenizer, num_proc=num_proc, log=_say
             )
             rows += record["rows"]
     seconds = time.perf_counter() - started
-    present = sum(prepared.record(part) is not None for part in prepared.shards())
-    total = len(prepared.shards())
-    state = "complete" if present == total else f"{present} of {total} shards present"
+    total, missing = len(prepared.shards()), len(prepared.missing())
+    state = "complete" if not missing else f"{total - missing} of {total} shards present"
     _say(
         f"prepared data in {prepared.root} ({state}; id {prepared.id}): {rows:,} rows here in "
         f"{seconds:.1f} s, {rows / max(seconds, 1e-9):,.0f} rows/s on {num_proc} process(es)"

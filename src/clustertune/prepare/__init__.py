@@ -6,10 +6,13 @@ run.py is what `clustertune-data prepare`, training and `inspect` call."""
 from clustertune.prepare.mixture import SourceShare, draw_mixture
 from clustertune.prepare.run import (
     LoadedData,
+    Preparation,
     Source,
     ensure_prepared,
+    find_prepared,
     load_prepared,
     open_prepared,
+    plan_preparation,
     plan_sources,
     prepare_shard,
 )
@@ -17,15 +20,18 @@ from clustertune.prepare.store import PreparedSet, Shard, parse_shard
 
 __all__ = [
     "LoadedData",
+    "Preparation",
     "PreparedSet",
     "Shard",
     "Source",
     "SourceShare",
     "draw_mixture",
     "ensure_prepared",
+    "find_prepared",
     "load_prepared",
     "open_prepared",
     "parse_shard",
+    "plan_preparation",
     "plan_sources",
     "prepare_shard",
 ]

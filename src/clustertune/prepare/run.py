@@ -3,7 +3,10 @@ training run and `clustertune-data inspect` share.
 
 - `plan_sources`: each training source (the data section, or each data.mixture entry) with
   its tokenize spec (the chat template resolved as training resolves it) and its splits;
+- `plan_preparation`: what `clustertune-data prepare` checks before tokenising (the SLURM
+  preflight of a prepare array runs it too);
 - `open_prepared`: the prepared set for this config's fingerprint (store.PreparedSet);
+  `find_prepared`: the same, read only;
 - `prepare_shard`: one shard of one split of one source, tokenised and checked as training
   tokenises (training_data.tokenize_rows), written into the set;
 - `ensure_prepared`: every shard present (a missing or damaged one prepared here);
@@ -23,7 +26,12 @@ import numpy as np
 from clustertune.config import DataConfig, FinetuneConfig
 from clustertune.data import column
 from clustertune.errors import UserError
-from clustertune.prepare.fingerprint import data_identity, fingerprint, source_fingerprint
+from clustertune.prepare.fingerprint import (
+    data_identity,
+    fingerprint,
+    fingerprint_id,
+    source_fingerprint,
+)
 from clustertune.prepare.mixture import SourceShare, draw_mixture
 from clustertune.prepare.store import DamagedShard, PreparedSet, Shard, default_root, shard_rows
 
@@ -96,13 +104,35 @@ def _identity(split: Split) -> dict[str, Any]:
     return {**data_identity(split.data, split.split, loaded), "max_rows": split.max_rows}
 
 
-def open_prepared(
-    cfg: FinetuneConfig,
-    tokenizer: Any,
-    kind: str,
-    sources: list[Source],
-    count: int | None = None,
-) -> PreparedSet:
+@dataclass
+class Preparation:
+    """A config's data as `clustertune-data prepare` checks it before tokenising anything."""
+
+    cfg: FinetuneConfig
+    tokenizer: Any
+    kind: str  # modeling.model_kind: "seq2seq" | "causal"
+    sources: list[Source]
+
+
+def plan_preparation(cfg: FinetuneConfig) -> Preparation:
+    """Training data named, the data settings the model can take, its tokenizer, every source
+    with its template resolved (plan_sources): each mistake one UserError."""
+    from clustertune.modeling import load_model_config, load_tokenizer, model_kind
+    from clustertune.training_data import check_data_for_model
+
+    if not (cfg.data.train_file or cfg.data.dataset or cfg.data.mixture):
+        raise UserError("no training data: set data.train_file, data.dataset or data.mixture.")
+    kind = model_kind(load_model_config(cfg.model.name_or_path))
+    check_data_for_model(cfg.data, kind)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    return Preparation(cfg, tokenizer, kind, plan_sources(cfg, tokenizer, kind))
+
+
+def _location(
+    cfg: FinetuneConfig, tokenizer: Any, kind: str, sources: list[Source]
+) -> tuple[Path, dict[str, Any], bool]:
+    """(the folder, the fingerprint, whether the folder is the user's data.prepared_dir); the
+    default folder is keyed by the fingerprint. Every split's data must exist (_identity)."""
     value = fingerprint(
         model=cfg.model.name_or_path,
         kind=kind,
@@ -116,15 +146,34 @@ def open_prepared(
             for source in sources
         },
     )
-    from clustertune.prepare.fingerprint import fingerprint_id
-
     explicit = bool(cfg.data.prepared_dir)
     root = (
         Path(cfg.data.prepared_dir).expanduser()
         if explicit
         else default_root() / fingerprint_id(value)
     )
+    return root, value, explicit
+
+
+def open_prepared(
+    cfg: FinetuneConfig,
+    tokenizer: Any,
+    kind: str,
+    sources: list[Source],
+    count: int | None = None,
+) -> PreparedSet:
+    root, value, explicit = _location(cfg, tokenizer, kind, sources)
     return PreparedSet.open(root, value, count, explicit=explicit)
+
+
+def find_prepared(preparation: Preparation, count: int) -> tuple[PreparedSet, bool]:
+    """The config's prepared set as it is now, nothing written: (the set, whether it exists).
+    A new one is the layout `count` shards would have. A folder prepared otherwise is refused
+    as open_prepared refuses it."""
+    p = preparation
+    root, value, explicit = _location(p.cfg, p.tokenizer, p.kind, p.sources)
+    found = PreparedSet.existing(root, value, explicit=explicit)
+    return (found, True) if found is not None else (PreparedSet(root, value, count), False)
 
 
 def _load_split_rows(source: Source, split: Split) -> Any:
@@ -168,6 +217,13 @@ def prepare_shard(
         rows = _load_split_rows(source, split)
         part = shard_rows(shard.index, shard.count, len(rows))
         tmp = prepared.begin(shard)
+        if not part:  # more shards than rows (a short eval split): a shard with no rows
+            empty = {"rows": 0, "examples": 0, "tokens": 0, "trained_tokens": 0, "seconds": 0}
+            log(
+                f"prepared {source.name}/{shard.split} shard {shard.index + 1} of {shard.count}: "
+                f"no rows (the split has {len(rows):,} rows for {shard.count} shards)"
+            )
+            return prepared.commit(shard, tmp, None, empty)
         tokenized = tokenize_rows(
             rows.select(part),
             tokenizer,
@@ -212,15 +268,8 @@ def ensure_prepared(
 ) -> None:
     """Every shard of the set present and intact; the missing ones prepared here."""
     by_name = {source.name: source for source in sources}
-    for shard in prepared.shards():
-        try:
-            present = prepared.record(shard) is not None
-        except DamagedShard:
-            present = False
-        if not present:
-            prepare_shard(
-                prepared, shard, by_name[shard.source], tokenizer, num_proc=num_proc, log=log
-            )
+    for shard in prepared.missing():  # made once: each is checked again under its lock
+        prepare_shard(prepared, shard, by_name[shard.source], tokenizer, num_proc=num_proc, log=log)
 
 
 @dataclass

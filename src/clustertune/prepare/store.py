@@ -97,40 +97,51 @@ class PreparedSet:
 
     # ------------------------------------------------------------ manifest
     @classmethod
+    def existing(
+        cls, root: Path, fingerprint: dict[str, Any], *, explicit: bool
+    ) -> PreparedSet | None:
+        """The prepared set in `root` (its manifest's shard count), None where there is none
+        yet; nothing is written. A folder holding data prepared otherwise is refused with what
+        differs (an explicit data.prepared_dir is the user's; the default one is keyed by the
+        fingerprint). The manifest is written whole (atomically): no lock needed to read it."""
+        manifest_path = Path(root) / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(
+                f"data.prepared_dir: {manifest_path} is not valid JSON; remove the folder "
+                "to prepare the data again."
+            ) from None
+        changed = differences(manifest.get("fingerprint", {}), fingerprint)
+        if changed:
+            where = "data.prepared_dir" if explicit else "the prepared-data cache"
+            raise UserError(
+                f"{where} '{root}' holds data prepared with other settings "
+                f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); "
+                "use another data.prepared_dir, or remove that folder to prepare it again."
+            )
+        return cls(root, fingerprint, manifest["shards"])
+
+    @classmethod
     def open(
         cls, root: Path, fingerprint: dict[str, Any], count: int | None, *, explicit: bool
     ) -> PreparedSet:
-        """The prepared set in `root` for this fingerprint, its manifest written if new.
-        A folder holding data prepared otherwise is refused with what differs (an explicit
-        data.prepared_dir is the user's; the default one is keyed by the fingerprint). `count`:
-        the shards asked for (None: the manifest's, else 1)."""
-        manifest_path = Path(root) / MANIFEST
+        """The prepared set in `root` for this fingerprint (`existing`), its manifest written
+        if new. `count`: the shards asked for (None: the manifest's, else 1)."""
         with file_lock(Path(root) / ".lock-manifest"):
-            if manifest_path.is_file():
-                try:
-                    manifest = json.loads(manifest_path.read_text())
-                except json.JSONDecodeError:
+            found = cls.existing(root, fingerprint, explicit=explicit)
+            if found is not None:
+                if count is not None and count != found.count:
                     raise UserError(
-                        f"data.prepared_dir: {manifest_path} is not valid JSON; remove the folder "
-                        "to prepare the data again."
-                    ) from None
-                changed = differences(manifest.get("fingerprint", {}), fingerprint)
-                if changed:
-                    where = "data.prepared_dir" if explicit else "the prepared-data cache"
-                    raise UserError(
-                        f"{where} '{root}' holds data prepared with other settings "
-                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); "
-                        "use another data.prepared_dir, or remove that folder to prepare it again."
+                        f"--shard I/{count}: '{root}' is prepared in {found.count} shards; "
+                        f"use --shard I/{found.count}, or another data.prepared_dir."
                     )
-                if count is not None and count != manifest["shards"]:
-                    raise UserError(
-                        f"--shard I/{count}: '{root}' is prepared in {manifest['shards']} shards; "
-                        f"use --shard I/{manifest['shards']}, or another data.prepared_dir."
-                    )
-                return cls(root, fingerprint, manifest["shards"])
+                return found
             count = count or 1
             write_json_atomic(
-                manifest_path,
+                Path(root) / MANIFEST,
                 {"id": fingerprint_id(fingerprint), "shards": count, "fingerprint": fingerprint},
             )
             return cls(root, fingerprint, count)
@@ -161,6 +172,18 @@ class PreparedSet:
             raise DamagedShard(folder, problem)
         return record
 
+    def missing(self) -> list[Shard]:
+        """The shards not present and intact (absent, being written, or damaged)."""
+        absent = []
+        for shard in self.shards():
+            try:
+                present = self.record(shard) is not None
+            except DamagedShard:
+                present = False
+            if not present:
+                absent.append(shard)
+        return absent
+
     def begin(self, shard: Shard) -> Path:
         """A fresh temporary folder for this shard (call under its lock, leftovers removed)."""
         folder = self.folder(shard)
@@ -172,8 +195,9 @@ class PreparedSet:
     def commit(self, shard: Shard, tmp: Path, dataset: Any, stats: dict[str, Any]) -> dict:
         """Make `tmp` the shard: `dataset` must live in Arrow files inside it (written there
         by the tokenising map); its record goes in last, then the folder is renamed into
-        place. Arrow files of `tmp` the dataset does not use (rows since skipped) go."""
-        arrow = [Path(f["filename"]).name for f in dataset.cache_files]
+        place. Arrow files of `tmp` the dataset does not use (rows since skipped) go. A shard
+        with no rows (dataset None) is a record without Arrow files."""
+        arrow = [] if dataset is None else [Path(f["filename"]).name for f in dataset.cache_files]
         assert all((tmp / name).is_file() for name in arrow), "the shard's rows are not in tmp"
         for path in tmp.glob("*"):
             if path.name not in arrow:

@@ -9,6 +9,9 @@ Where things live:
 - job.py        the submitit job (`LaunchJob`), signal forwarding, and the requeue decision
                 after a stop with a checkpoint (its docstring walks through the signal path).
 - requeue.py    that decision for slurm/train.sbatch (`python -m clustertune.slurm.requeue`).
+- prepare.py    the prepare array before the training (--prepare-shards): its task (`PrepareJob`,
+                `clustertune-data prepare --shard i/N`), its checks, and what an interrupted
+                task does.
 - preflight.py  checks before submitting (-> a `SubmissionPlan`).
 - submit.py     sbatch parameters, the submitit executor, submission, --wait, the --dry-run text.
 - cli.py        `clustertune-submit` (argparse `main`; also `python slurm/submit.py`).

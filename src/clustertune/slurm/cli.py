@@ -4,6 +4,7 @@
         -- recipes/finetune.py --config recipes/configs/flan_t5_base/full.yaml
     clustertune-submit --config slurm/dev-cluster.yaml --then evaluate \\
         --eval-config recipes/configs/smoke/evaluate.yaml --wait -- recipes/finetune.py ...
+    clustertune-submit ... --prepare-shards 8 -- recipes/finetune.py ...  # prepare array first
     clustertune-submit ... --dry-run   # print the sbatch file(s) and per-node commands only
 
 Every scalar field of SlurmSettings is a flag (`processes_per_node` -> `--processes-per-node`,
@@ -29,9 +30,11 @@ from draccus.wrappers.docstring import get_attribute_docstring
 from clustertune.errors import UserError, exit_on_user_error
 from clustertune.slurm.preflight import Then, preflight
 from clustertune.slurm.settings import SlurmSettings, load_settings
-from clustertune.slurm.submit import describe_plan, dry_run, submit, wait
+from clustertune.slurm.submit import describe_plan, describe_submitted, dry_run, submit, wait
 
 SCALAR_TYPES = (str, int, float)
+# Settings that only the prepare array (--prepare-shards) uses.
+PREPARE_SETTINGS = ("prepare_cpus_per_task", "prepare_partition")
 
 
 def _flag_type(hint: Any) -> Any:
@@ -83,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         "--then",
         choices=typing.get_args(Then),
         help="submit recipes/evaluate.py after the training succeeds",
+    )
+    parser.add_argument(
+        "--prepare-shards",
+        type=int,
+        metavar="N",
+        help="before the training, a SLURM array of N CPU tasks, task i running "
+        "`clustertune-data prepare --shard i/N` with the recipe's config and overrides; the "
+        "training starts after all succeed and reads the prepared data (recipes/finetune.py)",
     )
     parser.add_argument("--eval-config", help="evaluation config for --then evaluate")
     parser.add_argument(
@@ -145,6 +156,13 @@ def _refuse_unknown(
 def main(argv: Sequence[str] | None = None) -> int:
     args, recipe = parse_command_line(sys.argv[1:] if argv is None else argv)
     overrides = {name: getattr(args, name) for name, _, _ in settings_flags()}
+    unused = [name for name in PREPARE_SETTINGS if overrides[name] is not None]
+    if unused and args.prepare_shards is None:
+        flag = f"--{unused[0].replace('_', '-')}"
+        raise UserError(
+            f"{flag} sets the prepare array's tasks, which only --prepare-shards N submits; "
+            f"add --prepare-shards N, or drop {flag}."
+        )
     settings = load_settings(args.config, overrides)
     workdir = Path.cwd()
     plan = preflight(
@@ -154,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         then=args.then,
         eval_config=args.eval_config,
         eval_launch=args.eval_launch,
+        prepare_shards=args.prepare_shards,
     )
     for warning in plan.warnings:
         print(f"clustertune-submit: warning: {warning}", file=sys.stderr, flush=True)
@@ -162,14 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     submitted = submit(plan)
     print(describe_plan(plan))
-    for job in submitted:
-        logs = job.log_paths(settings.nodes)
-        print(
-            f"submitted job {job.job_id}: {job.title}\n"
-            f"  logs: {logs[0].parent}/{job.job_id}_<node>_log.{{out,err}} (node 0: {logs[0].name})\n"
-            f"  follow: tail -F {' '.join(str(p) for p in logs)}",
-            flush=True,
-        )
+    print(describe_submitted(submitted), flush=True)
     if args.wait:
         try:
             return 0 if wait(submitted) else 1

@@ -4,10 +4,12 @@
 arithmetic (clustertune.sampler.check_batch_arithmetic, the rule training itself applies),
 model and data paths or Hugging Face cache entries the offline nodes will need, with
 `--then evaluate` the evaluation config (parsed and checked as recipes/evaluate.py will, its
-eval data included), and the partition (where sinfo exists); it warns about node-local
-output folders. It returns the `SubmissionPlan`: the checked settings and the submitit jobs
-(clustertune.slurm.job.LaunchJob) to run; clustertune.slurm.submit submits it, or renders it
-for --dry-run.
+eval data included), with `--prepare-shards N` the data as `clustertune-data prepare` checks
+it and the prepared set already there (clustertune.slurm.prepare), and the partitions (where
+sinfo exists); it warns about node-local output and data folders. It returns the
+`SubmissionPlan`: the checked settings and the submitit jobs (clustertune.slurm.job.LaunchJob,
+clustertune.slurm.prepare.PrepareJob) to run; clustertune.slurm.submit submits it, or renders
+it for --dry-run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from clustertune.run_identity import FINAL_PROMPT_KEYS
 from clustertune.sampler import check_batch_arithmetic
 from clustertune.slurm.job import LaunchJob
 from clustertune.slurm.node import distributed_type
+from clustertune.slurm.prepare import PrepareStage, check_prepare_request, plan_prepare
 from clustertune.slurm.settings import SlurmSettings
 
 EVALUATE_RECIPE = "recipes/evaluate.py"
@@ -153,6 +156,19 @@ def _working_directory(path: Path):  # contextlib.chdir needs Python 3.11
         os.chdir(previous)
 
 
+@contextlib.contextmanager
+def _job_environment(env: dict[str, str]):
+    """os.environ as the jobs see it (the settings' env on top) while checking something that
+    reads it, such as the prepared-data cache folder ($CLUSTERTUNE_CACHE)."""
+    previous = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(previous)
+
+
 def _node_local(path: Path) -> bool:
     prefixes = [
         *NODE_LOCAL_PREFIXES,
@@ -224,6 +240,8 @@ class SubmissionPlan:
     warnings: list[str]
     # How the job continues the run's checkpoint on this world size (reshard.resume_plan)
     resume_note: str | None = None
+    # The prepare array before the training (--prepare-shards)
+    prepare: PrepareStage | None = None
 
 
 def preflight(
@@ -234,6 +252,7 @@ def preflight(
     then: Then | None = None,
     eval_config: str | None = None,
     eval_launch: str | None = None,
+    prepare_shards: int | None = None,
 ) -> SubmissionPlan:
     """Every mistake we can see before submitting, each as one UserError; warnings returned."""
     warnings: list[str] = []
@@ -241,18 +260,25 @@ def preflight(
         raise UserError(
             "no recipe given; put it after --, e.g. -- recipes/finetune.py --config recipes/configs/smoke/lora.yaml"
         )
+    if prepare_shards is not None:
+        check_prepare_request(prepare_shards, recipe_argv)
     script = recipe_argv[0]
     if not (workdir / script).is_file():
         raise UserError(
             f"recipe '{script}' does not exist (relative to {workdir}); check the path after --."
         )
-    if settings.partition:  # where sinfo exists: a dry run on a laptop skips this check
+    partition_settings = ["partition"]
+    if prepare_shards is not None:
+        partition_settings.append("prepare_partition")
+    wanted = {name: getattr(settings, name) for name in partition_settings}
+    if any(wanted.values()):  # where sinfo exists: a dry run on a laptop skips this check
         partitions = _partitions(warnings)
-        if partitions is not None and settings.partition not in partitions:
-            raise UserError(
-                f"partition '{settings.partition}' does not exist on this cluster; "
-                f"available: {', '.join(partitions) or 'none'} (sinfo -s)."
-            )
+        for name, partition in wanted.items():
+            if partitions is not None and partition and partition not in partitions:
+                raise UserError(
+                    f"{name} '{partition}' does not exist on this cluster; "
+                    f"available: {', '.join(partitions) or 'none'} (sinfo -s)."
+                )
     launch_path, launch = _launch_file(settings, workdir)
     world = settings.world_size
     distributed = distributed_type(launch)
@@ -263,7 +289,7 @@ def preflight(
             "launch/zero*.yaml, or --nodes 1 --processes-per-node 1."
         )
 
-    output_dir = resume_note = None
+    output_dir = resume_note = prepare = None
     if Path(script).name == "finetune.py":
         with _working_directory(workdir):  # the recipe's relative paths, as the job sees them
             cfg = parse_config(FinetuneConfig, list(recipe_argv[1:]))
@@ -281,8 +307,23 @@ def preflight(
             resume_note = _resume_note(cfg, output_dir, launch, workdir, world)
         except UserError as refused:  # the job refuses it at start; said here, not decided
             warnings.append(f"the job will stop before training: {refused}")
+        if prepare_shards is not None:
+            with _working_directory(workdir), _job_environment(settings.env):
+                prepare, prepare_warnings = plan_prepare(
+                    cfg,
+                    tuple(recipe_argv),
+                    prepare_shards,
+                    settings.prepare_cpus_per_task or settings.cpus_per_task,
+                    workdir,
+                )
+            warnings += prepare_warnings
     folder = (workdir / settings.folder).resolve()
-    for what, path in (("output_dir", output_dir), ("folder", folder)):
+    prepared_dir = prepare.prepared_dir if prepare else None
+    for what, path in (
+        ("output_dir", output_dir),
+        ("folder", folder),
+        ("data.prepared_dir", prepared_dir),
+    ):
         if path is not None and _node_local(path):
             warnings.append(
                 f"{what} {path} looks node-local; every node must see it (use shared storage)."
@@ -340,4 +381,5 @@ def preflight(
         output_dir=output_dir,
         warnings=warnings,
         resume_note=resume_note,
+        prepare=prepare,
     )

@@ -58,8 +58,14 @@ class SlurmSettings:
     signal_delay_s: int = 120
     # submitit's folder for sbatch files and logs (%j: job id); must be on shared storage.
     folder: str = "slurm_logs/%j"
-    # Job name shown by squeue; the evaluation job of a chain gets "-eval" appended.
+    # Job name shown by squeue; the evaluation job of a chain gets "-eval" appended, the prepare
+    # array (--prepare-shards) "-prepare".
     job_name: str = "clustertune"
+    # CPUs of each prepare array task (--prepare-shards), its tokenising processes; empty:
+    # cpus_per_task.
+    prepare_cpus_per_task: int | None = None
+    # Partition of the prepare array tasks, which need CPUs only; empty: partition.
+    prepare_partition: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -111,6 +117,7 @@ COUNTS = {
     "gpus_per_node": "use 0 for CPU-only nodes, else the GPUs of each node",
     "processes_per_node": "use at least 1, or leave it unset for one per GPU",
     "cpus_per_task": "use at least 1, or leave it unset for the partition's default",
+    "prepare_cpus_per_task": "use at least 1, or leave it unset for cpus_per_task",
     "mem_gb": "use the memory per node in GB, or leave it unset for the partition's default",
     "max_requeues": "use 0 for none",
     "signal_delay_s": f"use at least {MIN_SIGNAL_DELAY_S} seconds",

@@ -1,7 +1,8 @@
 """Submission through submitit: sbatch parameters, the executor, submitting a plan, waiting.
 
 A checked `SubmissionPlan` (clustertune.slurm.preflight) becomes one submitit job (its `LaunchJob`, one
-task per node), or two chained with afterok when the evaluation follows the training.
+task per node), chained with afterok: after the prepare array when there is one (N `PrepareJob`
+tasks, one submitit array), and before the evaluation when it follows the training.
 `wait` follows the jobs with scontrol (sacct once the controller forgot them).
 `dry_run` renders what would be submitted: submitit's sbatch files and each task's command.
 """
@@ -27,6 +28,7 @@ import submitit
 
 from clustertune.slurm.env import PORT_MAX, PORT_MIN, NodeLaunch
 from clustertune.slurm.job import LaunchJob, job_fields
+from clustertune.slurm.prepare import PrepareStage
 from clustertune.slurm.settings import SlurmSettings, parse_time_minutes
 
 if TYPE_CHECKING:
@@ -90,6 +92,26 @@ def sbatch_parameters(
     return parameters
 
 
+def prepare_sbatch_parameters(settings: SlurmSettings) -> dict[str, Any]:
+    """Each task of the prepare array: one CPU-only task (no GPUs) with prepare_cpus_per_task
+    (else cpus_per_task) CPUs, on prepare_partition (else partition). Account, qos, time,
+    signal delay, requeue, env and setup lines are the training's: the tasks see the
+    environment the training sees, so both resolve the same data.prepared_dir. Not taken:
+    mem_gb and constraint (what a training node needs), and --exclusive from sbatch_flags (a
+    whole node per task would hold N nodes for work that needs their CPUs only)."""
+    parameters = sbatch_parameters(settings, f"{settings.job_name}-prepare", None)
+    for key in ("gpus_per_node", "mem", "constraint"):
+        parameters.pop(key, None)
+    parameters["nodes"] = 1
+    cpus = settings.prepare_cpus_per_task or settings.cpus_per_task
+    if cpus:
+        parameters["cpus_per_task"] = cpus
+    if settings.prepare_partition:
+        parameters["partition"] = settings.prepare_partition
+    parameters["additional_parameters"].pop("exclusive", None)
+    return parameters
+
+
 class _RenderOnlySlurmExecutor(submitit.SlurmExecutor):
     @classmethod
     def affinity(cls) -> int:  # skip the "is srun installed" check; never submits
@@ -116,24 +138,56 @@ def sbatch_text(executor: submitit.SlurmExecutor) -> str:
 
 @dataclass
 class Submitted:
-    job_id: str
+    job_id: str  # an array task's is <array job id>_<task index>
     title: str
     folder: Path
+    nodes: int = 1
+    array_id: str | None = None  # the array this job is a task of
 
-    def log_paths(self, nodes: int) -> list[Path]:
+    def log_paths(self) -> list[Path]:
         folder = Path(str(self.folder).replace("%j", self.job_id))
         return [
             folder / f"{self.job_id}_{rank}_log.{ext}"
-            for rank in range(nodes)
+            for rank in range(self.nodes)
             for ext in ("out", "err")
         ]
 
 
-def submit(plan: SubmissionPlan) -> list[Submitted]:
+def _submit_prepare(plan: SubmissionPlan, stage: PrepareStage) -> tuple[str, list[Submitted]]:
+    """The prepare array (one submitit batch: task i runs shard i); its job id and tasks."""
     s = plan.settings
-    executor = make_executor(plan.folder, sbatch_parameters(s, s.job_name, None), s.max_requeues)
+    executor = make_executor(plan.folder, prepare_sbatch_parameters(s), s.max_requeues)
+    with executor.batch():
+        jobs = [executor.submit(task) for task in stage.tasks]
+    array_id, _, task = jobs[0].job_id.partition("_")  # one task alone is a plain job
+    count = len(jobs)
+    return array_id, [
+        Submitted(
+            job.job_id,
+            f"prepare shard {index + 1} of {count}",
+            plan.folder,
+            array_id=array_id if task else None,
+        )
+        for index, job in enumerate(jobs)
+    ]
+
+
+def submit(plan: SubmissionPlan) -> list[Submitted]:
+    """Submit the plan's jobs in order, each waiting on the one before (afterok): the prepare
+    array's tasks (if any), the training, the evaluation (if any)."""
+    s = plan.settings
+    submitted: list[Submitted] = []
+    after = None
+    title = "training"
+    if plan.prepare is not None:
+        array_id, tasks = _submit_prepare(plan, plan.prepare)
+        submitted += tasks
+        after = f"afterok:{array_id}"  # an array's id: every task of it
+        what = "array" if tasks[0].array_id else "job"
+        title = f"training (after {what} {array_id} succeeds)"
+    executor = make_executor(plan.folder, sbatch_parameters(s, s.job_name, after), s.max_requeues)
     train = executor.submit(plan.train)
-    submitted = [Submitted(train.job_id, "training", plan.folder)]
+    submitted.append(Submitted(train.job_id, title, plan.folder, s.nodes))
     if plan.evaluate is not None:
         eval_executor = make_executor(
             plan.folder, sbatch_parameters(s, f"{s.job_name}-eval", f"afterok:{train.job_id}"), 0
@@ -141,10 +195,37 @@ def submit(plan: SubmissionPlan) -> list[Submitted]:
         evaluate = eval_executor.submit(plan.evaluate)
         submitted.append(
             Submitted(
-                evaluate.job_id, f"evaluation (after job {train.job_id} succeeds)", plan.folder
+                evaluate.job_id,
+                f"evaluation (after job {train.job_id} succeeds)",
+                plan.folder,
+                s.nodes,
             )
         )
     return submitted
+
+
+def describe_submitted(submitted: list[Submitted]) -> str:
+    """What was submitted and where each job logs. The tasks of an array share one entry."""
+    lines: list[str] = []
+    for job in submitted:
+        if job.array_id is not None:
+            tasks = [task for task in submitted if task.array_id == job.array_id]
+            if job is tasks[0]:
+                folder = Path(str(job.folder).replace("%j", f"{job.array_id}_<task>"))
+                lines.append(
+                    f"submitted job {job.array_id}: prepare array of {len(tasks)} task(s), "
+                    f"{tasks[0].job_id} to {tasks[-1].job_id} (task i: --shard i/{len(tasks)})\n"
+                    f"  logs: {folder}/{job.array_id}_<task>_0_log.{{out,err}}\n"
+                    f"  follow: tail -F {' '.join(str(p) for p in job.log_paths())}"
+                )
+            continue
+        logs = job.log_paths()
+        lines.append(
+            f"submitted job {job.job_id}: {job.title}\n"
+            f"  logs: {logs[0].parent}/{job.job_id}_<node>_log.{{out,err}} (node 0: {logs[0].name})\n"
+            f"  follow: tail -F {' '.join(str(p) for p in logs)}"
+        )
+    return "\n".join(lines)
 
 
 def _final_state(job_id: str) -> dict[str, str]:
@@ -224,10 +305,11 @@ def node_command_text(job: LaunchJob, settings: SlurmSettings) -> str:
 
 def describe_plan(plan: SubmissionPlan) -> str:
     s = plan.settings
-    lines = [
+    lines = [plan.prepare.describe()] if plan.prepare else []
+    lines.append(
         f"job: {s.nodes} node(s) x {s.processes_per_node} process(es) = world size {s.world_size}, "
         f"{s.launch}, time {s.time}, requeues <= {s.max_requeues}"
-    ]
+    )
     if plan.output_dir:
         lines.append(f"output_dir: {plan.output_dir}")
     if plan.resume_note:
@@ -235,11 +317,36 @@ def describe_plan(plan: SubmissionPlan) -> str:
     return "\n".join(lines)
 
 
+def prepare_command_text(stage: PrepareStage) -> str:
+    """The command of every prepare task, its index as SLURM's variable (one task alone is a
+    plain job, not an array: its command as it is)."""
+    if len(stage.tasks) == 1:
+        return shlex.join(stage.tasks[0].command())
+    return shlex.join(stage.tasks[0].command(shard="@@")).replace("@@", "$SLURM_ARRAY_TASK_ID")
+
+
 def dry_run(plan: SubmissionPlan) -> str:
     """What `--dry-run` prints: the plan, then per job its sbatch file and task command."""
     s = plan.settings
     parts = [describe_plan(plan), ""]
-    jobs = [("training", plan.train, None, s.job_name)]
+    if plan.prepare is not None:
+        count = len(plan.prepare.tasks)
+        executor = make_executor(
+            plan.folder, prepare_sbatch_parameters(s), s.max_requeues, render_only=True
+        )
+        ids = "%j is the job id"
+        if count > 1:  # what submitit sets when it submits a batch of several as one array
+            executor.parameters["map_count"] = count
+            ids = "%A is the array's job id, %a the task index"
+        parts += [
+            f"# ---- sbatch file of the prepare array ({count} task(s); submitit; {ids}) ----",
+            sbatch_text(executor),
+            f"# ---- each of its {count} task(s) runs (task i: --shard i/{count}) ----",
+            prepare_command_text(plan.prepare),
+            "",
+        ]
+    after_prepare = "afterok:PREPARE_ARRAY_JOB_ID" if plan.prepare is not None else None
+    jobs = [("training", plan.train, after_prepare, s.job_name)]
     if plan.evaluate is not None:
         jobs.append(("evaluation", plan.evaluate, "afterok:TRAINING_JOB_ID", f"{s.job_name}-eval"))
     for title, job, dependency, name in jobs:

@@ -143,6 +143,19 @@ def fsdp2(out: Path, nproc: int, **overrides) -> list[str]:
     )
 
 
+def zero2(out: Path) -> list[str]:
+    """The same run as fsdp2(out, 2), under ZeRO-2."""
+    values = {
+        "train.max_steps": 6,
+        "train.micro_batch_size": 1,
+        "checkpoint.every_steps": 2,
+        "checkpoint.keep_last": 3,
+    }
+    return launch_command(
+        "recipes/finetune.py", common("chat_lora", out, **values), launch="zero2", nproc=2
+    )
+
+
 def resumable_copy(source: Path, dest: Path, step: int) -> Path:
     """The run folder as it was when step_`step` was its newest checkpoint."""
     shutil.copytree(source, dest)
@@ -194,6 +207,26 @@ def test_fsdp2_checkpoints_resume_exactly_after_a_kill_and_on_other_world_sizes(
     assert result.returncode == 0, describe(result)
     assert "resharded from 1 to 2 ranks" in result.stdout
     assert_same(train_losses(one_to_two), reference, range(5, 7))
+
+    # across engines: FSDP2 step_2 -> ZeRO-2 (DeepSpeed's universal form written from DCP),
+    # whose step_4 -> FSDP2 on 1 rank (the universal form read into DCP shards)
+    to_zero = resumable_copy(reference_dir, tmp_path / "fsdp2-to-zero2", 2)
+    result = run(zero2(to_zero))
+    assert result.returncode == 0, describe(result)
+    assert "this launch is ZeRO-2 on 2: its weights and Adam moments are written" in result.stdout
+    assert_same(train_losses(to_zero), reference, range(3, 7))
+    assert not list((to_zero / "checkpoints/step_2").glob(".universal.tmp-*"))  # cleaned up
+    back = resumable_copy(to_zero, tmp_path / "zero2-to-fsdp2", 4)
+    assert (back / "checkpoints/step_4/engine").is_dir()  # a ZeRO-2 checkpoint
+    result = run(fsdp2(back, 1))
+    assert result.returncode == 0, describe(result)
+    assert "read from DeepSpeed's universal form" in result.stdout
+    assert_same(train_losses(back), reference, range(5, 7))
+    from clustertune.errors import UserError
+    from clustertune.reshard import resume_plan
+
+    with pytest.raises(UserError, match="cannot continue under ZeRO-3.*launch/fsdp2.yaml"):
+        resume_plan(reference_dir / "checkpoints/step_2", world_size=2, zero_stage=3)
 
     # step_4 of the 2-rank run and of the 1-rank run that continued it: one model, two
     # shard layouts; consolidated, the same adapter

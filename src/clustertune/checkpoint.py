@@ -40,10 +40,19 @@ from safetensors.torch import load_file, save_file
 
 from clustertune.atomicio import fsync_dir, write_json_atomic
 from clustertune.distributed import all_ranks_agree, decided_by_main, gather_from_all
-from clustertune.engine_moves import load_universal_into_fsdp
+from clustertune.engine_moves import (
+    finish_fsdp_to_universal,
+    fsdp_to_universal,
+    load_universal_into_fsdp,
+)
 from clustertune.errors import UserError
 from clustertune.fsdp import load_sharded, save_sharded
-from clustertune.reshard import repair_zero3_universal_load, saved_layout, universal_for_resume
+from clustertune.reshard import (
+    repair_zero3_universal_load,
+    saved_layout,
+    universal_for_resume,
+    universal_info,
+)
 from clustertune.run_folder import (
     DEEPSPEED_TAG,
     FSDP_TAG,
@@ -102,24 +111,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def universal_info() -> dict[str, Any]:
-    """The client state DeepSpeed's universal-checkpoint converter asks for ("Required
-    universal_checkpoint_info state is missing in checkpoint. Verify that client creates this
-    state."). Without tensor or pipeline parallelism it is only the format version; the
-    parameter patterns it can also hold describe tensor-parallel slices, which we do not have."""
-    from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO,
-        UNIVERSAL_CHECKPOINT_VERSION_KEY,
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    )
-
-    return {
-        UNIVERSAL_CHECKPOINT_INFO: {
-            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
-        }
-    }
 
 
 def choose_resume(run: RunFolder, resume: str) -> Path | None:
@@ -372,20 +363,15 @@ class Checkpointer:
             load_universal_into_fsdp(universal / DEEPSPEED_TAG, model, optimizer)
         elif engine == "fsdp2":  # DCP reshards to this launch's world size as it reads
             load_sharded(path / FSDP_TAG, model, optimizer)
+        elif saved.is_fsdp:  # an FSDP2 run continued under ZeRO
+            universal = fsdp_to_universal(path, model, is_main=accel.is_main_process, log=log)
+            _load_engine_checkpoint(model, universal, zero3_repair=True)
+            finish_fsdp_to_universal(universal, is_main=accel.is_main_process)
         elif engine == "deepspeed":
             load_dir = path
             if model.load_universal_checkpoint():
                 load_dir = universal_for_resume(path, is_main=accel.is_main_process, log=log)
-            load_path, _ = model.load_checkpoint(
-                str(load_dir),
-                tag=DEEPSPEED_TAG,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {load_dir}")
-            if load_dir != path and model.zero_optimization_stage() == 3:
-                repair_zero3_universal_load(model, load_dir)
+            _load_engine_checkpoint(model, load_dir, zero3_repair=load_dir != path)
         else:  # the whole trainable state in two files: any world size loads them as they are
             unwrapped = accel.unwrap_model(model)
             saved = load_file(str(path / TRAINABLE_FILE))
@@ -397,6 +383,20 @@ class Checkpointer:
             optimizer.load_state_dict(
                 torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
             )
+
+
+def _load_engine_checkpoint(model: Any, load_dir: Path, zero3_repair: bool) -> None:
+    """The DeepSpeed engine loads `load_dir` (a checkpoint, or its universal form)."""
+    load_path, _ = model.load_checkpoint(
+        str(load_dir),
+        tag=DEEPSPEED_TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {load_dir}")
+    if zero3_repair and model.zero_optimization_stage() == 3:
+        repair_zero3_universal_load(model, load_dir)
 
 
 @contextlib.contextmanager

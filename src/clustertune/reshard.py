@@ -132,6 +132,21 @@ def resume_plan(
             f"is FSDP2 on {world_size}: its weights and Adam moments are read from DeepSpeed's "
             f"universal form of it (converted once into {checkpoint / UNIVERSAL_DIR})."
         )
+    if saved.is_fsdp and zero_stage == 3:
+        raise UserError(
+            f"the checkpoint in {checkpoint} was made by FSDP2 on {saved.world_size} rank(s) and "
+            "cannot continue under ZeRO-3 (DeepSpeed's universal form for ZeRO-3 is written only "
+            "from a ZeRO-3 engine's own optimizer state); resume it with launch/fsdp2.yaml, "
+            "launch/fsdp2_offload.yaml, launch/zero1.yaml or launch/zero2.yaml (any number of "
+            f"processes), or write its weights out with `clustertune-checkpoint consolidate "
+            f"{checkpoint} DEST`."
+        )
+    if saved.is_fsdp and zero_stage != 0:
+        return (
+            f"{checkpoint} was saved by FSDP2 on {saved.world_size} rank(s), this launch is {now} "
+            f"on {world_size}: its weights and Adam moments are written as DeepSpeed's universal "
+            "form, which the engine loads."
+        )
     if _family(saved.zero_stage, saved.engine) != _family(zero_stage, engine):
         raise UserError(other_strategy_message(checkpoint, saved, now))
     if saved.is_fsdp:
@@ -166,13 +181,21 @@ def other_strategy_message(checkpoint: Path, saved: SavedLayout, now: str) -> st
     """One line: `checkpoint` cannot continue under `now`, and which launch files can."""
     what = f"the checkpoint in {checkpoint} was made by {saved.label} on {saved.world_size} rank(s)"
     if saved.is_fsdp:
-        possible = "launch/fsdp2.yaml or launch/fsdp2_offload.yaml (any number of processes)"
+        possible = (
+            "launch/fsdp2.yaml, launch/fsdp2_offload.yaml, launch/zero1.yaml or "
+            "launch/zero2.yaml (any number of processes)"
+        )
     elif not saved.is_deepspeed:
         possible = "launch/ddp.yaml or launch/single_gpu.yaml (any number of processes)"
     elif _family(saved.zero_stage) == "zero3":
-        possible = "launch/zero3.yaml or launch/zero3_offload.yaml (any number of processes)"
+        possible = (
+            "launch/zero3.yaml, launch/zero3_offload.yaml or launch/fsdp2.yaml (any number of "
+            "processes)"
+        )
     else:
-        possible = "launch/zero1.yaml or launch/zero2.yaml (any number of processes)"
+        possible = (
+            "launch/zero1.yaml, launch/zero2.yaml or launch/fsdp2.yaml (any number of processes)"
+        )
     export = (
         f", or write its weights out with `clustertune-checkpoint consolidate {checkpoint} "
         "DEST` (weights only: the Adam moments do not carry over)"
@@ -196,6 +219,8 @@ def needs_universal(checkpoint: Path, *, world_size: int, zero_stage: int) -> bo
     """A ZeRO checkpoint of another world size, or of the other one of ZeRO-1/2 (an older
     checkpoint that did not record its stage loads as it did before, on its own world size)."""
     saved = saved_layout(checkpoint)
+    if saved.is_fsdp:  # an FSDP2 checkpoint reaches a ZeRO engine only as a universal one
+        return zero_stage != 0
     other_stage = saved.zero_stage is not None and saved.zero_stage != zero_stage
     return (
         saved.is_deepspeed and zero_stage != 0 and (saved.world_size != world_size or other_stage)
@@ -246,7 +271,25 @@ def _exclusive(lock_file: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_deepspeed_converter(engine_dir: Path, output_engine_dir: Path, workers: int) -> None:
+def universal_info() -> dict[str, Any]:
+    """The client state DeepSpeed's universal-checkpoint converter asks for ("Required
+    universal_checkpoint_info state is missing in checkpoint. Verify that client creates this
+    state."). Without tensor or pipeline parallelism it is only the format version; the
+    parameter patterns it can also hold describe tensor-parallel slices, which we do not have."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {
+        UNIVERSAL_CHECKPOINT_INFO: {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
+    }
+
+
+def run_deepspeed_converter(engine_dir: Path, output_engine_dir: Path, workers: int) -> None:
     """deepspeed.checkpoint.ds_to_universal, in this process. Its arguments are those of its
     command line; inject_missing_state adds the universal_checkpoint_info that DeepSpeed asks
     the client to save (checkpoint.py saves it; checkpoints made before that lack it, and it
@@ -306,7 +349,7 @@ def convert_to_universal(
         began = time.perf_counter()
         saved = saved_layout(checkpoint)
         try:
-            _run_deepspeed_converter(checkpoint / DEEPSPEED_TAG, tmp / DEEPSPEED_TAG, workers)
+            run_deepspeed_converter(checkpoint / DEEPSPEED_TAG, tmp / DEEPSPEED_TAG, workers)
             if os.environ.get(CRASH_ENV) == "1":
                 os._exit(98)  # test-only: killed after converting, before the rename
             seconds = time.perf_counter() - began

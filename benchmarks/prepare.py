@@ -6,8 +6,8 @@ and TRL's SFTTrainer preparing the same rows, in one run.
 
 Data: `text` is DialogSum-shaped rows (the smoke dialogues and summaries, cycled with new ids)
 for the tiny T5, the tutorial's model; `chat` is multi-turn conversations (the smoke chat
-data, cycled) for the tiny Llama with its ChatML template (prefix renders: no markers) and
-packing. For each kind and size, each a separate process, timed as a whole (imports
+data, cycled) for the tiny Llama with the built-in ChatML template (generation markers: one
+render a row) and packing. For each kind and size, each a separate process, timed as a whole (imports
 included), peak RSS from /usr/bin/time:
 - `clustertune-data prepare` on 1 process, on 2 (`--num_proc 2`), and as 2 shards run at once
   (`--shard 0/2`, `--shard 1/2`: two processes, as two array tasks would be);
@@ -67,6 +67,7 @@ def config_args(kind: str, train_file: Path, prepared: Path) -> list[str]:
         *common,
         "--data.eval_file=null",
         f"--model.name_or_path={assets['tiny_causal']}",
+        "--data.chat_template=chatml",  # the built-in, with generation markers: one render a row
     ]
 
 
@@ -144,8 +145,8 @@ start = time.perf_counter()
 rows = datasets.load_dataset("json", data_files=train_file, split="train")
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir)
-args = SFTConfig(output_dir=out, max_length=1024, assistant_only_loss=False, report_to="none",
-                 dataset_num_proc=1, padding_free=True, per_device_train_batch_size=8)
+args = SFTConfig(output_dir=out, max_length=1024, report_to="none", dataset_num_proc=1, bf16=False,
+                 per_device_train_batch_size=8)
 trainer = SFTTrainer(model=model, args=args, train_dataset=rows.select_columns(["messages"]),
                      processing_class=tokenizer)
 print(json.dumps({"rows": len(trainer.train_dataset), "seconds": time.perf_counter() - start}))

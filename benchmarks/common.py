@@ -26,6 +26,11 @@ SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
     # ~10 M parameters with the smoke vocabulary: seconds per training step on 2 CPU cores.
     "cpu": dict(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64),
+    # ~59 M parameters with the 4000-token BPE: the model states (16 bytes a parameter in fp32
+    # with Adam: ~0.9 GiB) outweigh a micro-batch of 4's activations, so sharding them shows.
+    "cpu-large": dict(
+        d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64
+    ),
     # flan-t5-base: 248 M parameters.
     "flan-t5-base": dict(
         d_model=768,

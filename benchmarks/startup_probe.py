@@ -18,7 +18,9 @@ library functions the recipe's setup calls, to note when each starts and ends:
   model_and_engine Trainer._setup_model: weights loaded, optimizer, DDP wrap or deepspeed.initialize
                    (of which deepspeed_op_build: DeepSpeed op builders' load(), 0 when none runs)
   first_step       from train() to the end of the first optimizer step (incl. any eval before)
-The main process writes the timeline as JSON; nothing else changes (the run trains as usual).
+The main process writes the timeline as JSON; every rank writes its peak resident memory (the
+kernel's VmHWM: after setup, and at the end) beside it as <json>.rank<R>. Nothing else changes
+(the run trains as usual).
 """
 
 from __future__ import annotations
@@ -57,11 +59,20 @@ def timed(owner: object, name: str, phase: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def vm_hwm() -> int:
+    """This process's peak resident memory so far, bytes (the kernel's high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
 def main() -> int:
     start = time.perf_counter()
     import clustertune.quiet  # noqa: F401
     from clustertune import config, runtime, train, training_data  # noqa: F401
     from clustertune.distributed import DDPStepper, DeepSpeedStepper
+    from clustertune.fsdp import FSDPStepper
 
     phases["imports"] = time.perf_counter() - start
     loaded = [m for m in ("deepspeed", "peft", "accelerate", "datasets") if m in sys.modules]
@@ -82,7 +93,17 @@ def main() -> int:
     timed(runtime.Runtime, "make_accelerator", "accelerator")
     timed(train.Trainer, "_setup_model", "model_and_engine")
     timed(train.Trainer, "setup", "setup_total")
-    for stepper in (DDPStepper, DeepSpeedStepper):
+    peaks: dict[str, int] = {}
+    original_setup = train.Trainer.setup
+
+    def setup_with_peak(self):
+        try:
+            return original_setup(self)
+        finally:
+            peaks["peak_rss_after_setup_bytes"] = vm_hwm()
+
+    train.Trainer.setup = setup_with_peak
+    for stepper in (DDPStepper, DeepSpeedStepper, FSDPStepper):
         original = stepper.optimizer_step
 
         def first_step_end(self, _original=original):
@@ -105,6 +126,10 @@ def main() -> int:
     try:
         return recipe.main()
     finally:
+        if os.environ.get("CT_STARTUP_JSON"):
+            peaks["peak_rss_bytes"] = vm_hwm()
+            rank = os.environ.get("RANK", "0")
+            Path(f"{os.environ['CT_STARTUP_JSON']}.rank{rank}").write_text(json.dumps(peaks))
         if os.environ.get("RANK", "0") == "0" and os.environ.get("CT_STARTUP_JSON"):
             first = marks.get("first_optimizer_step_end")
             phases["first_step"] = first - marks["train_start"] if first else float("nan")

@@ -141,3 +141,18 @@ def test_checkpoint_checksum_quick(tmp_path, smoke_assets):
     assert results["size_gib"] == 64 / 1024
     for key in ("crc32_hot_s", "crc32_cold_s", "read_hot_s", "read_cold_s"):
         assert positive(results[key]) and positive(results["per_gib_s"][key]), key
+
+
+def test_engines_quick(tmp_path, smoke_assets):
+    results = run_quick("engines.py", tmp_path, smoke_assets)
+    assert set(results["runs"]) == {"DDP full", "FSDP2 full", "DDP LoRA", "FSDP2 LoRA"}
+    for name, run_ in results["runs"].items():
+        assert "failed" not in run_, (name, run_.get("failed"))
+        assert positive(run_["tokens_per_second"]) and positive(
+            run_["command_to_first_step_seconds"]
+        )
+        assert len(run_["peak_rss_gib_per_rank"]) == 2
+        assert all(positive(g) for g in run_["peak_rss_gib_per_rank"]), name
+    for method in ("full", "LoRA"):  # the same examples and weights: the same training
+        ddp, fsdp2 = (results["runs"][f"{e} {method}"]["final_loss"] for e in ("DDP", "FSDP2"))
+        assert abs(ddp - fsdp2) <= 1e-5 * abs(ddp), (method, ddp, fsdp2)

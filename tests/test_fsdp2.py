@@ -2,8 +2,8 @@
 files (multiproc tier).
 
 - exactness: 2 ranks x micro 1 x accumulation 2 under FSDP2 give the losses and final eval
-  loss of 1 process x micro 4 (fp32, rel 1e-5), T5 fully fine-tuned and a Llama with LoRA,
-  packed; final/ loads with peft and gives the run's own final eval loss;
+  loss of 1 process x micro 4 (fp32, rel 1e-5), T5 fully fine-tuned (with the launch file's
+  activation checkpointing) and a Llama with LoRA, packed; final/ loads with peft and gives the run's own final eval loss;
 - checkpoints (torch.distributed.checkpoint): kill -9 after a checkpoint and the same
   command again; resume 2 -> 1 and 1 -> 2 ranks; all equal to the uninterrupted run;
   clustertune-checkpoint consolidate on an FSDP2 checkpoint;
@@ -78,16 +78,26 @@ def test_fsdp2_on_2_ranks_equals_one_process(config, smoke_assets, tmp_path):
         launch_command("recipes/finetune.py", common(config, one, **{"train.micro_batch_size": 4}))
     )
     assert result.returncode == 0, describe(result)
+    launch = "fsdp2"
+    if config == "full":  # the launch file's activation checkpointing: same losses, less memory
+        text = (REPO / "launch" / "fsdp2.yaml").read_text()
+        launch = str(tmp_path / "fsdp2_checkpointing")
+        Path(f"{launch}.yaml").write_text(
+            text.replace(
+                "fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"
+            )
+        )
     result = run(
         launch_command(
             "recipes/finetune.py",
             common(config, two, **{"train.micro_batch_size": 1}),
-            launch="fsdp2",
+            launch=launch,
             nproc=2,
         )
     )
     assert result.returncode == 0, describe(result)
     assert ", FSDP2" in result.stdout
+    assert ("gradient checkpointing on" in result.stdout) == (config == "full")
     reference = train_losses(one)
     assert_same(train_losses(two), reference, range(1, 5))
     loss = final_eval_loss(two)

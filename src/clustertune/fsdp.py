@@ -213,7 +213,8 @@ def is_sharded(model: Any) -> bool:
 
 
 def full_model_state(model: Any) -> dict[str, torch.Tensor]:
-    """Collective: the whole model's weights, gathered on every rank into CPU memory (final/)."""
+    """Collective: the whole model's weights in CPU memory on the main process (final/); the
+    other ranks take part in the gather and get an empty dict (full_state_dict + cpu_offload)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)

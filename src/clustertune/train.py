@@ -110,6 +110,18 @@ class Trainer:
         cfg = self.cfg
         self.runtime = runtime = self._validate_before_compute()
         runtime.start(cfg.seed)
+        if (
+            runtime.fsdp
+            and runtime.fsdp.activation_checkpointing
+            and not cfg.model.gradient_checkpointing
+        ):
+            # the launch file asks for it; the same thing as model.gradient_checkpointing (each
+            # block's activations recomputed in backward), which does the work under every engine
+            cfg.model.gradient_checkpointing = True
+            runtime.log(
+                "fsdp_activation_checkpointing: true in the launch file: gradient checkpointing "
+                "on (model.gradient_checkpointing=true)."
+            )
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = load_training_data(cfg, runtime, self.tokenizer)
         steps_per_epoch = len(self.data.train) // cfg.train.global_batch_size

@@ -69,6 +69,25 @@ def test_builtin_configs_are_flan_t5_shapes():
         assert config.is_gated_act and config.scale_decoder_outputs is False  # untied head
 
 
+@pytest.mark.parametrize(
+    "name,params,hidden",
+    [
+        # embedding 151,936 x 1,024 (tied head) + 28 x 15,730,944 + final norm 1,024
+        ("Qwen/Qwen3-0.6B", 151936 * 1024 + 28 * 15_730_944 + 1024, 1024),
+        # embedding 151,936 x 896 (tied head) + 24 x 14,912,384 + final norm 896
+        ("Qwen/Qwen2.5-0.5B-Instruct", 151936 * 896 + 24 * 14_912_384 + 896, 896),
+    ],
+)
+def test_builtin_qwen_configs_count_the_checkpoints(name, params, hidden):
+    """The shipped qwen configs plan offline: 596,049,920 and 494,032,768 parameters, as the
+    checkpoints hold; the head is tied, so the embedding is counted once."""
+    config, source = load_plan_model_config(name)
+    counts = count_model_params(build_meta_model(config, PeftConfig()))
+    assert source == "built-in config" and config.tie_word_embeddings
+    assert params in (596_049_920, 494_032_768)
+    assert counts == ParamCounts(params, params, 151936 * hidden, "model.embed_tokens")
+
+
 @pytest.mark.parametrize("gpus_per_node,nodes", SHAPES)
 def test_zero2_and_zero3_rows_are_deepspeeds_numbers(base_counts, gpus_per_node, nodes):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs

@@ -40,9 +40,11 @@ MAX_STATE_SHARE = 0.6
 # DeepSpeed's own default slack for CPU memory (pinned buffers, fragmentation).
 ADDITIONAL_BUFFER_FACTOR = 1.5
 
-# Config dicts of the FLAN-T5 checkpoints (their config.json), so the planner works offline
-# for these ids. Gated-GELU T5 v1.1 with an untied lm_head; 32,128-token vocabulary.
+# Config dicts of the checkpoints the shipped recipes/configs name (the shape keys of their
+# config.json), so the planner works offline for these ids.
+# FLAN-T5: gated-GELU T5 v1.1 with an untied lm_head; 32,128-token vocabulary.
 _FLAN_T5 = dict(
+    model_type="t5",
     vocab_size=32128,
     d_kv=64,
     feed_forward_proj="gated-gelu",
@@ -58,6 +60,32 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "google/flan-t5-base": dict(_FLAN_T5, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
     "google/flan-t5-large": dict(_FLAN_T5, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
     "google/flan-t5-xl": dict(_FLAN_T5, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    # Qwen3-0.6B: 151,936 x 1,024 embedding tied to the head + 28 layers x 15,730,944
+    # (q 1,024 x 2,048, k and v 1,024 x 1,024, o 2,048 x 1,024, q/k norms 2 x 128, SwiGLU
+    # 3 x 1,024 x 3,072, 2 norms of 1,024) + final norm 1,024 = 596,049,920.
+    "Qwen/Qwen3-0.6B": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    # Qwen2.5-0.5B(-Instruct): 151,936 x 896 tied + 24 layers x 14,912,384 (q, k, v with
+    # biases; 2 key-value heads of 64) + 896 = 494,032,768.
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -146,11 +174,10 @@ def load_plan_model_config(name: str) -> tuple[Any, str]:
     """(config, where it came from): a local folder, the built-in table, or the HF cache; never downloads."""
     if Path(name).is_dir():
         return load_model_config(name), "local folder"
-    if name in BUILTIN_CONFIGS:
-        from transformers import T5Config
-
-        return T5Config(**BUILTIN_CONFIGS[name]), "built-in config"
     from transformers import AutoConfig
+
+    if name in BUILTIN_CONFIGS:
+        return AutoConfig.for_model(**BUILTIN_CONFIGS[name]), "built-in config"
 
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True), "HF cache"

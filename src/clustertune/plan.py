@@ -1,10 +1,12 @@
-"""Memory planner: model-state memory per GPU under DDP and ZeRO 1/2/3 (+offload), and the
-launch file to use. Runs on a laptop: no GPU, no download (the model is built on the meta device).
+"""Memory planner: model-state memory per GPU under DDP, ZeRO 1/2/3 (+offload) and FSDP2
+(+offload), and the launch file to use. Runs on a laptop: no GPU, no download (the model is
+built on the meta device).
 
     python recipes/plan.py --config recipes/configs/flan_t5_base/full.yaml \
         --gpus-per-node 8 --nodes 1 --gpu-memory-gib 80 [--section.key=value ...] [--json plan.json]
 
-Model states = weights + gradients + optimizer states (+ DeepSpeed's gathered ZeRO-3 layer).
+Model states = weights + gradients + optimizer states (+ the layer ZeRO-3 gathers, the groups
+FSDP2 gathers; FSDP2's arithmetic is clustertune.plan_fsdp).
 Activations are not estimated: they depend on batch and sequence length, which
 `train.micro_batch_size: auto` measures on the real GPU. The planner leaves room for them by
 the headroom rule below and recommends the fastest strategy whose states fit it. The report
@@ -29,6 +31,8 @@ from clustertune.modeling import (
     resolve_dtype,
     supports_zero3_init,
 )
+from clustertune.plan_fsdp import ShardGroups, count_shard_groups, fsdp2_bytes
+from clustertune.sampler import check_batch_arithmetic
 
 GIB = 2**30
 # Headroom rule: model states may use at most 60% of a GPU; the other 40% is for activations,
@@ -92,18 +96,35 @@ class Strategy:
     key: str
     label: str
     launch_file: str | None  # None: no launch file ships for it
-    zero_stage: int
+    zero_stage: int | None  # DeepSpeed's ZeRO stage, 0 for DDP; None: not DeepSpeed (FSDP2)
     offload_optimizer: bool = False
     offload_params: bool = False
+
+    @property
+    def fsdp2(self) -> bool:
+        return self.zero_stage is None
 
 
 # Fastest first (the order the HF DeepSpeed guide gives: DDP > ZeRO-1 > ZeRO-2 > ZeRO-2 +
 # offload > ZeRO-3 > ZeRO-3 + offloads); the recommendation is the first row that fits.
+# FSDP2 (full shard, parameters freed after each block's forward) moves what ZeRO-3 moves:
+# every block's weights all-gathered in forward and again in backward, gradients
+# reduce-scattered, 3 x the weight bytes per step against ZeRO-2's 2 x (reduce-scatter +
+# all-gather of the updated shards); so it comes after ZeRO-2. It comes before ZeRO-3: for the
+# same traffic it holds less (a full fine-tune shards 16 B/param against ZeRO-3's 18,
+# clustertune.plan_fsdp) and starts without JIT-building DeepSpeed ops. Where a step
+# accumulates micro-batches FSDP2 also keeps the unsharded fp32 gradients (4 B/param), and
+# ZeRO-3 is then the one that fits first.
+# FSDP2 + offload comes last: its optimizer step is torch's AdamW on CPU tensors, the
+# per-parameter loop (torch's foreach and fused kernels take GPU tensors only), where
+# ZeRO-Offload runs DeepSpeed's vectorised CPU Adam; both copy each block's weights to the
+# GPU in forward and backward.
 STRATEGIES = (
     Strategy("ddp", "DDP", "launch/ddp.yaml", 0),
     Strategy("zero1", "ZeRO-1", "launch/zero1.yaml", 1),
     Strategy("zero2", "ZeRO-2", "launch/zero2.yaml", 2),
     Strategy("zero2_offload", "ZeRO-2 + offload optimizer", None, 2, offload_optimizer=True),
+    Strategy("fsdp2", "FSDP2", "launch/fsdp2.yaml", None),
     Strategy("zero3", "ZeRO-3", "launch/zero3.yaml", 3),
     Strategy(
         "zero3_offload_optimizer", "ZeRO-3 + offload optimizer", None, 3, offload_optimizer=True
@@ -113,6 +134,14 @@ STRATEGIES = (
         "ZeRO-3 + offload optimizer+params",
         "launch/zero3_offload.yaml",
         3,
+        offload_optimizer=True,
+        offload_params=True,
+    ),
+    Strategy(
+        "fsdp2_offload",
+        "FSDP2 + offload params+optimizer",
+        "launch/fsdp2_offload.yaml",
+        None,
         offload_optimizer=True,
         offload_params=True,
     ),
@@ -145,8 +174,11 @@ class Estimate:
     strategy: Strategy
     gpu_bytes: int
     cpu_bytes_per_node: int
-    source: str  # "deepspeed" (its estimator) or "formula" (below)
+    source: str  # "deepspeed" (its estimator) or "formula" (below, and plan_fsdp)
     fits: bool
+    # FSDP2 without offload: the whole fp32 model on each GPU while shard_model shards it;
+    # a row fits only if this fits the GPU too. 0: no such start-up peak is counted.
+    startup_gpu_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +188,8 @@ class MemoryPlan:
     method: str  # none | lora
     precision: str
     counts: ParamCounts
+    shard_groups: ShardGroups  # what FSDP2 gathers
+    grad_accum_steps: int | None  # None: found at start-up or varies with a token budget
     cluster: Cluster
     estimates: list[Estimate]
     recommended: Estimate | None
@@ -330,9 +364,50 @@ def _formula_bytes(
     return int(cpu * ADDITIONAL_BUFFER_FACTOR), gpu
 
 
-def estimate_strategy(
-    strategy: Strategy, counts: ParamCounts, cluster: Cluster, precision: str, zero_init: bool
+def _fsdp2_estimate(
+    strategy: Strategy,
+    counts: ParamCounts,
+    cluster: Cluster,
+    precision: str,
+    groups: ShardGroups,
+    accumulates: bool,
 ) -> Estimate:
+    found = fsdp2_bytes(
+        counts.total,
+        counts.trainable,
+        groups,
+        world_size=cluster.world_size,
+        gpus_per_node=cluster.gpus_per_node,
+        weight_bytes=4 if precision == "fp32" else 2,
+        offload=strategy.offload_params,
+        accumulates=accumulates,
+    )
+    cpu = int(found.cpu_per_node * ADDITIONAL_BUFFER_FACTOR)
+    fits = (
+        found.gpu <= MAX_STATE_SHARE * cluster.gpu_memory_gib * GIB
+        and found.startup_gpu <= cluster.gpu_memory_gib * GIB
+    )
+    if cluster.cpu_memory_gib is not None:
+        fits = fits and cpu <= cluster.cpu_memory_gib * GIB
+    return Estimate(strategy, found.gpu, cpu, "formula", fits, found.startup_gpu)
+
+
+def estimate_strategy(
+    strategy: Strategy,
+    counts: ParamCounts,
+    cluster: Cluster,
+    precision: str,
+    zero_init: bool,
+    *,
+    groups: ShardGroups | None = None,
+    accumulates: bool = True,
+) -> Estimate:
+    """One row. FSDP2 rows need the shard groups; `accumulates`: a step may take more than one
+    micro-batch (FSDP2 then keeps unsharded gradients between them)."""
+    if strategy.fsdp2:
+        if groups is None:
+            raise ValueError(f"{strategy.key}: FSDP2 rows need the model's shard groups")
+        return _fsdp2_estimate(strategy, counts, cluster, precision, groups, accumulates)
     full_mixed = counts.trainable == counts.total and precision in ("bf16", "fp16")
     if strategy.zero_stage >= 2 and full_mixed:
         cpu, gpu = _deepspeed_bytes(strategy, counts, cluster, zero_init)
@@ -354,11 +429,19 @@ def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> MemoryPlan:
         )
     model_config, source = load_plan_model_config(cfg.model.name_or_path)
     precision = planned_precision(cfg.model.dtype, model_config)
-    counts = count_model_params(build_meta_model(model_config, cfg.peft))
+    model = build_meta_model(model_config, cfg.peft)
+    counts = count_model_params(model)
+    groups = count_shard_groups(model, model_config)
+    accum = planned_grad_accum_steps(cfg, cluster.world_size)
     # T5 is loaded whole on every rank even under ZeRO-3 (modeling.supports_zero3_init).
     zero_init = supports_zero3_init(model_config)
     strategies = ((SINGLE_GPU,) + STRATEGIES[1:]) if cluster.world_size == 1 else STRATEGIES
-    estimates = [estimate_strategy(s, counts, cluster, precision, zero_init) for s in strategies]
+    estimates = [
+        estimate_strategy(
+            s, counts, cluster, precision, zero_init, groups=groups, accumulates=accum != 1
+        )
+        for s in strategies
+    ]
     recommended = next((e for e in estimates if e.fits and e.strategy.launch_file), None)
     return MemoryPlan(
         cfg.model.name_or_path,
@@ -366,10 +449,25 @@ def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> MemoryPlan:
         cfg.peft.method,
         precision,
         counts,
+        groups,
+        accum,
         cluster,
         estimates,
         recommended,
     )
+
+
+def planned_grad_accum_steps(cfg: FinetuneConfig, world_size: int) -> int | None:
+    """Micro-batches per optimizer step where the config fixes them; None where they are
+    found at start-up (micro_batch_size auto) or vary with the data (micro_batch_tokens), and
+    where the batch arithmetic is wrong (the run would stop; plan_cli's batch line says why)."""
+    train = cfg.train
+    if train.micro_batch_tokens:
+        return None
+    try:
+        return check_batch_arithmetic(train.global_batch_size, train.micro_batch_size, world_size)
+    except UserError:
+        return None
 
 
 # --- output ----------------------------------------------------------------------------------

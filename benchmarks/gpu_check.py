@@ -8,13 +8,16 @@ Writes one JSON and one markdown table (default benchmarks/gpu_check.{json,md} o
 outputs/gpu_check_cpu_dry/ with --cpu-dry). Each step is a separate process with its own
 time limit; a step that fails, times out or cannot run here is recorded and the next one
 runs. Steps, most important first (a global deadline skips what is left):
-  t5_{full,lora}_{single,zero2}  flan-t5-base's shape (248 M parameters, random weights, no
-        download), bf16, train.micro_batch_size=auto, global batch 64, a whole number of
-        epochs through recipes/finetune.py (one process; launch/single_gpu.yaml or
-        launch/zero2.yaml): the chosen micro-batch, peak memory as a share of the card, every
-        global batch of the data (the longest included) run without running out of memory,
-        real tokens/s and MFU = model FLOPs (benchmarks/flops.py, the data's real lengths) /
-        time / the card's dense bf16 peak (flops.PEAK_BF16_TFLOPS, by device name);
+  t5_{full,lora}_{single,zero2}, t5_full_fsdp2  flan-t5-base's shape (248 M parameters,
+        random weights, no download), bf16, train.micro_batch_size=auto, global batch 64, a
+        whole number of epochs through recipes/finetune.py (one process; launch/single_gpu.yaml,
+        launch/zero2.yaml or launch/fsdp2.yaml, the same settings under each): the chosen
+        micro-batch, peak memory as a share of the card, every global batch of the data (the
+        longest included) run without running out of memory, real tokens/s and MFU = model
+        FLOPs (benchmarks/flops.py, the data's real lengths) / time / the card's dense bf16
+        peak (flops.PEAK_BF16_TFLOPS, by device name). t5_full_fsdp2 runs right after
+        t5_full_zero2: bf16 there is FSDP2's MixedPrecisionPolicy (fp32 shards, bf16 compute,
+        fp32 gradient reduction) where ZeRO-2 keeps bf16 weights and fp32 masters;
   make_smoke      `make smoke` itself: on a machine with nvidia-smi it picks
                   launch/single_gpu.yaml, one process, bf16 (model.dtype auto);
   eval_generation benchmarks/eval_throughput.py: batched, length-sorted generation vs a
@@ -207,7 +210,8 @@ def training_figures(
 
 
 def t5_training(check: Check, data: dict, facts: dict, peft: str, launch: str) -> None:
-    name = f"t5_{peft}_{'single' if launch == 'single_gpu' else 'zero2'}"
+    """One T5 step under launch/<launch>.yaml; only the launch file differs between them."""
+    name = f"t5_{peft}_{'single' if launch == 'single_gpu' else launch}"
     output_dir = check.work / name
     epochs = check.args.epochs if check.on_gpu else 2
     config_args = [
@@ -225,6 +229,7 @@ def t5_training(check: Check, data: dict, facts: dict, peft: str, launch: str) -
         f"--peft.method={'none' if peft == 'full' else 'lora'}",
     ]
     record = check.run(name, check.launch(launch, config_args), timeout=150)
+    record.update(logged_setup(check.last_output))
     if record["status"] == "ok":
         flops = data["model_flops_per_epoch"]
         flops = flops if peft == "full" else lora_train_flops(flops)
@@ -233,6 +238,16 @@ def t5_training(check: Check, data: dict, facts: dict, peft: str, launch: str) -
                 read_metrics(output_dir / "metrics.jsonl"), data["global_batch_size"], flops, facts
             )
         )
+
+
+def logged_setup(output: str) -> dict[str, str]:
+    """The precision and engine a training run logged ("parameters: ..., dtype bf16, FSDP2"),
+    so a launch file that ran as something else (a plain single process) shows in the table."""
+    for line in output.splitlines():
+        if "parameters:" in line and ", dtype " in line:
+            dtype, engine = line.split(", dtype ", 1)[1].split(", ", 1)
+            return {"dtype": dtype.strip(), "engine": engine.strip()}
+    return {}
 
 
 def eval_generation(check: Check) -> None:
@@ -363,6 +378,8 @@ def markdown(results: dict[str, Any]) -> str:
             extra = f" ({r['ratio_vs_padded']:.2f}x padded)"
         if "launch" in r:
             extra = f" ({r['launch']})"
+        if "engine" in r:
+            extra = f" ({r['engine']}, {r['dtype']})"
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
         lines.append(
             f"| {name} | {r['status'].split(':')[0]}{extra} | {micro} | {memory} | {tps} | {mfu} "
@@ -407,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     make_smoke(check)
     t5_training(check, data, facts, "lora", "single_gpu")
     t5_training(check, data, facts, "full", "zero2")
+    t5_training(check, data, facts, "full", "fsdp2")
     t5_training(check, data, facts, "lora", "zero2")
     eval_generation(check)
     causal_steps(check)

@@ -122,11 +122,25 @@ def test_gpu_check_cpu_dry(tmp_path, smoke_assets):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = results["steps"]
-    for name in ("t5_full_single", "t5_lora_single", "t5_full_zero2", "t5_lora_zero2"):
+    engines = {  # what each run logged it ran as: one process here, so no DDP
+        "t5_full_single": "single process",
+        "t5_lora_single": "single process",
+        "t5_full_zero2": "ZeRO-2",
+        "t5_full_fsdp2": "FSDP2",
+        "t5_lora_zero2": "ZeRO-2",
+    }
+    for name, engine in engines.items():
         step = steps[name]
         assert step["status"] == "ok", (name, step)
+        assert (step["engine"], step["dtype"]) == (engine, "fp32"), name  # bf16 on a GPU
         assert step["auto_batch"]["chosen"] >= 1 and positive(step["tokens_per_second"]), name
         assert positive(step["model_tflops_per_second"]) and "mfu" not in step  # no peak on CPU
+        assert step["peak_memory_gib"] > 0, name
+    # same tiny model, data and seed: FSDP2 and ZeRO-2 train the same steps (fp32 on CPU)
+    assert steps["t5_full_fsdp2"]["steps"] == steps["t5_full_zero2"]["steps"]
+    assert steps["t5_full_fsdp2"]["final_loss"] == pytest.approx(
+        steps["t5_full_zero2"]["final_loss"], rel=1e-4
+    )
     assert steps["eval_generation"]["status"] == "ok" and positive(
         steps["eval_generation"]["ratio_vs_loop"]
     )

@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import REPO, recipe_env, run
 
-from clustertune.config import FinetuneConfig, ModelConfig, PeftConfig
+from clustertune.config import FinetuneConfig, ModelConfig, PeftConfig, TrainConfig
 from clustertune.errors import UserError
 from clustertune.plan import (
     BUILTIN_CONFIGS,
@@ -25,6 +25,8 @@ from clustertune.plan import (
     load_plan_model_config,
     make_plan,
 )
+from clustertune.plan_cli import format_plan
+from clustertune.plan_fsdp import ShardGroups, count_shard_groups
 
 FLAN_T5_BASE_PARAMS = 247_577_856
 BY_KEY = {s.key: s for s in STRATEGIES}
@@ -69,6 +71,25 @@ def test_builtin_configs_are_flan_t5_shapes():
         assert config.is_gated_act and config.scale_decoder_outputs is False  # untied head
 
 
+@pytest.mark.parametrize(
+    "name,params,hidden",
+    [
+        # embedding 151,936 x 1,024 (tied head) + 28 x 15,730,944 + final norm 1,024
+        ("Qwen/Qwen3-0.6B", 151936 * 1024 + 28 * 15_730_944 + 1024, 1024),
+        # embedding 151,936 x 896 (tied head) + 24 x 14,912,384 + final norm 896
+        ("Qwen/Qwen2.5-0.5B-Instruct", 151936 * 896 + 24 * 14_912_384 + 896, 896),
+    ],
+)
+def test_builtin_qwen_configs_count_the_checkpoints(name, params, hidden):
+    """The shipped qwen configs plan offline: 596,049,920 and 494,032,768 parameters, as the
+    checkpoints hold; the head is tied, so the embedding is counted once."""
+    config, source = load_plan_model_config(name)
+    counts = count_model_params(build_meta_model(config, PeftConfig()))
+    assert source == "built-in config" and config.tie_word_embeddings
+    assert params in (596_049_920, 494_032_768)
+    assert counts == ParamCounts(params, params, 151936 * hidden, "model.embed_tokens")
+
+
 @pytest.mark.parametrize("gpus_per_node,nodes", SHAPES)
 def test_zero2_and_zero3_rows_are_deepspeeds_numbers(base_counts, gpus_per_node, nodes):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -110,7 +131,7 @@ def test_formula_reproduces_deepspeed_for_a_full_bf16_fine_tune(
     across nodes DeepSpeed's zero2-offload CPU term scales with all GPUs, ours per node)."""
     cluster = Cluster(gpus_per_node, 1, 80)
     for strategy in STRATEGIES:
-        if strategy.zero_stage < 2:
+        if strategy.fsdp2 or strategy.zero_stage < 2:  # FSDP2: plan_fsdp, tested below
             continue
         deepspeed = estimate_strategy(strategy, base_counts, cluster, "bf16", zero_init)
         cpu, gpu = _formula_bytes(strategy, base_counts, cluster, 2, zero_init)
@@ -138,6 +159,113 @@ def test_ddp_and_zero1_arithmetic(base_counts):
     # fp32: DeepSpeed's 16-bit estimators do not apply; 4-byte weights and gradients
     fp32 = estimate_strategy(BY_KEY["zero2"], base_counts, eight, "fp32", False)
     assert (fp32.source, fp32.gpu_bytes) == ("formula", 4 * params + 20 * params // 8)
+
+
+# flan-t5-base's FSDP2 groups: the root holds shared and lm_head (32,128 x 768 each) and the
+# two final norms (768 each); the largest block is a decoder T5Block: self- and
+# cross-attention 2 x 4 x 768 x 768, gated FF 3 x 768 x 2,048, 3 norms of 768 and block 0's
+# relative attention bias 32 x 12.
+FLAN_T5_BASE_ROOT = 2 * 32128 * 768 + 2 * 768  # 49,350,144
+FLAN_T5_BASE_BLOCK = 8 * 768 * 768 + 3 * 768 * 2048 + 3 * 768 + 32 * 12  # 9,439,872
+
+
+def test_fsdp2_rows_shard_like_zero3_and_gather_the_root_and_a_block(base_counts):
+    config, _ = load_plan_model_config("google/flan-t5-base")
+    groups = count_shard_groups(build_meta_model(config, PeftConfig()), config)
+    assert groups == ShardGroups(
+        "T5Block", 24, FLAN_T5_BASE_BLOCK, FLAN_T5_BASE_BLOCK, FLAN_T5_BASE_ROOT, FLAN_T5_BASE_ROOT
+    )
+    params, gathered = FLAN_T5_BASE_PARAMS, FLAN_T5_BASE_ROOT + FLAN_T5_BASE_BLOCK
+    eight = Cluster(8, 1, 80)
+
+    def row(key, precision="bf16", accumulates=False):
+        return estimate_strategy(
+            BY_KEY[key],
+            base_counts,
+            eight,
+            precision,
+            False,
+            groups=groups,
+            accumulates=accumulates,
+        )
+
+    fsdp2 = row("fsdp2")
+    # fp32 shards of weights 4 + gradients 4 + Adam 8 = 16 B/param over 8 ranks, + the bf16
+    # weights and gradients of the root and one block: 495,155,712 + 235,160,064 B = 0.68 GiB
+    assert fsdp2.gpu_bytes == 16 * params // 8 + 2 * 2 * gathered == 730_315_776
+    # ZeRO-3's estimator shards 18 B/param (the 16-bit copy besides) and adds its largest layer
+    zero3 = row("zero3")
+    assert zero3.gpu_bytes - 2 * 2 * base_counts.largest_layer == 18 * params // 8
+    # every rank loads the fp32 checkpoint (x 1.5 slack); the whole fp32 model sits on each
+    # GPU while it is sharded
+    assert (fsdp2.cpu_bytes_per_node, fsdp2.startup_gpu_bytes) == (
+        int(1.5 * 4 * params * 8),
+        4 * params,
+    )
+    # a step of several micro-batches keeps every fp32 gradient unsharded between them
+    assert row("fsdp2", accumulates=True).gpu_bytes == fsdp2.gpu_bytes + 4 * params
+    assert row("fsdp2", "fp32").gpu_bytes == 16 * params // 8 + 2 * 4 * gathered
+    # offload: the shards in CPU memory, max(each rank's fp32 load, the node's 8 shards)
+    offload = row("fsdp2_offload")
+    assert (offload.gpu_bytes, offload.startup_gpu_bytes) == (2 * 2 * gathered, 0)
+    assert offload.cpu_bytes_per_node == int(1.5 * max(4 * params * 8, 16 * params))
+    assert all(e.source == "formula" for e in (fsdp2, offload))
+
+
+def test_fsdp2_with_lora_shards_the_frozen_base_in_fp32():
+    cfg = FinetuneConfig(
+        peft=PeftConfig(method="lora", r=32, target_modules=["q", "v"]),
+        train=TrainConfig(global_batch_size=64, micro_batch_size=8),
+    )
+    plan = make_plan(cfg, Cluster(8, 1, 80))
+    total, trainable = plan.counts.total, plan.counts.trainable
+    # a decoder block's adapters: q and v of self- and cross-attention, 4 x 32 x (768 + 768)
+    block_adapters = 4 * 32 * (768 + 768)
+    assert plan.shard_groups == ShardGroups(
+        "T5Block",
+        24,
+        FLAN_T5_BASE_BLOCK + block_adapters,
+        block_adapters,
+        FLAN_T5_BASE_ROOT,
+        0,
+    )
+    fsdp2 = next(e for e in plan.estimates if e.strategy.key == "fsdp2")
+    # global 64 = micro 8 x 8 ranks: one micro-batch, no unsharded gradients
+    assert plan.grad_accum_steps == 1
+    weights = 2 * (FLAN_T5_BASE_ROOT + FLAN_T5_BASE_BLOCK + block_adapters)
+    assert fsdp2.gpu_bytes == (4 * total + 12 * trainable) // 8 + weights + 2 * block_adapters
+
+
+def test_recommendation_picks_fsdp2_between_zero2_and_zero3():
+    """flan-t5-xl (2.85B) on 8 x 16 GiB: ZeRO-2 needs 11.3 GiB of the 9.6 allowed; FSDP2 needs
+    16 B x 2.85B / 8 = 5.3 GiB + the root and a block gathered = 6.0, under ZeRO-3's 6.2. With
+    two micro-batches a step FSDP2 keeps 4 B/param of unsharded gradients (+10.6 GiB): ZeRO-3.
+    On 16 x 8 GiB FSDP2's states fit (3.4 of 4.8 GiB) but the 10.6 GiB fp32 model does not
+    fit a GPU while it is sharded: ZeRO-3."""
+
+    def plan(micro, gpus, memory, global_batch=32):
+        model = ModelConfig(name_or_path="google/flan-t5-xl")
+        train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro)
+        return make_plan(FinetuneConfig(model=model, train=train), Cluster(gpus, 1, memory))
+
+    def rows(p):
+        return {e.strategy.key: e for e in p.estimates}
+
+    one_micro_batch = plan(4, 8, 16)
+    fitting = rows(one_micro_batch)
+    assert one_micro_batch.recommended.strategy.key == "fsdp2"
+    assert not fitting["zero2"].fits and fitting["zero3"].fits
+    assert fitting["fsdp2"].gpu_bytes < fitting["zero3"].gpu_bytes
+    two_micro_batches = plan(2, 8, 16)
+    assert two_micro_batches.grad_accum_steps == 2
+    assert two_micro_batches.recommended.strategy.key == "zero3"
+    fsdp2 = rows(two_micro_batches)["fsdp2"]
+    assert fsdp2.gpu_bytes - fitting["fsdp2"].gpu_bytes == 4 * one_micro_batch.counts.total
+    start_up = plan(4, 16, 8, global_batch=64)
+    fsdp2 = rows(start_up)["fsdp2"]
+    assert fsdp2.gpu_bytes <= start_up.state_budget_bytes and not fsdp2.fits
+    assert fsdp2.startup_gpu_bytes > 8 * GIB and start_up.recommended.strategy.key == "zero3"
+    assert "FSDP2 does not fit at start-up" in format_plan(start_up, None, "")
 
 
 def test_lora_counts_adapters_and_uses_the_formula():
@@ -208,6 +336,12 @@ def test_cli_prints_the_table_and_the_launch_command(tmp_path):
         command,
         FLAN_T5_BASE_PARAMS,
     )
+    rows = {row["key"]: row for row in saved["estimates"]}
+    assert rows["fsdp2"]["launch_file"] == "launch/fsdp2.yaml" and rows["fsdp2"]["fits"]
+    assert rows["fsdp2_offload"]["offload_params"] and rows["fsdp2"]["zero_stage"] is None
+    assert rows["fsdp2"]["startup_gpu_bytes"] == 4 * FLAN_T5_BASE_PARAMS
+    assert saved["fsdp2_shard_groups"]["root"] == FLAN_T5_BASE_ROOT
+    assert saved["grad_accum_steps"] == 2  # global 64 = micro 4 x accum 2 x 8 GPUs
     for launch_file in {s.launch_file for s in (*STRATEGIES, SINGLE_GPU)} - {None}:
         assert (REPO / launch_file).is_file()
 

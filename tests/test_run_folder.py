@@ -17,7 +17,8 @@ import torch
 
 from clustertune.checkpoint import launch_optimizer_settings
 from clustertune.errors import UserError
-from clustertune.plan import ParamCounts, output_sizes
+from clustertune.plan import ParamCounts
+from clustertune.plan_disk import output_sizes
 from clustertune.run_folder import (
     CHECKPOINT_MARKER,
     RunFolder,

@@ -1,10 +1,12 @@
-"""Memory planner: model-state memory per GPU under DDP and ZeRO 1/2/3 (+offload), and the
-launch file to use. Runs on a laptop: no GPU, no download (the model is built on the meta device).
+"""Memory planner: model-state memory per GPU under DDP, ZeRO 1/2/3 (+offload) and FSDP2
+(+offload), and the launch file to use. Runs on a laptop: no GPU, no download (the model is
+built on the meta device).
 
     python recipes/plan.py --config recipes/configs/flan_t5_base/full.yaml \
         --gpus-per-node 8 --nodes 1 --gpu-memory-gib 80 [--section.key=value ...] [--json plan.json]
 
-Model states = weights + gradients + optimizer states (+ DeepSpeed's gathered ZeRO-3 layer).
+Model states = weights + gradients + optimizer states (+ the layer ZeRO-3 gathers, the groups
+FSDP2 gathers; FSDP2's arithmetic is clustertune.plan_fsdp).
 Activations are not estimated: they depend on batch and sequence length, which
 `train.micro_batch_size: auto` measures on the real GPU. The planner leaves room for them by
 the headroom rule below and recommends the fastest strategy whose states fit it. The report
@@ -29,8 +31,8 @@ from clustertune.modeling import (
     resolve_dtype,
     supports_zero3_init,
 )
-from clustertune.run_folder import RunFolder
-from clustertune.storage import OutputSizes, check_space, check_writable, remove_stale_probes
+from clustertune.plan_fsdp import ShardGroups, count_shard_groups, fsdp2_bytes
+from clustertune.sampler import check_batch_arithmetic
 
 GIB = 2**30
 # Headroom rule: model states may use at most 60% of a GPU; the other 40% is for activations,
@@ -40,9 +42,11 @@ MAX_STATE_SHARE = 0.6
 # DeepSpeed's own default slack for CPU memory (pinned buffers, fragmentation).
 ADDITIONAL_BUFFER_FACTOR = 1.5
 
-# Config dicts of the FLAN-T5 checkpoints (their config.json), so the planner works offline
-# for these ids. Gated-GELU T5 v1.1 with an untied lm_head; 32,128-token vocabulary.
+# Config dicts of the checkpoints the shipped recipes/configs name (the shape keys of their
+# config.json), so the planner works offline for these ids.
+# FLAN-T5: gated-GELU T5 v1.1 with an untied lm_head; 32,128-token vocabulary.
 _FLAN_T5 = dict(
+    model_type="t5",
     vocab_size=32128,
     d_kv=64,
     feed_forward_proj="gated-gelu",
@@ -58,6 +62,32 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "google/flan-t5-base": dict(_FLAN_T5, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
     "google/flan-t5-large": dict(_FLAN_T5, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
     "google/flan-t5-xl": dict(_FLAN_T5, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    # Qwen3-0.6B: 151,936 x 1,024 embedding tied to the head + 28 layers x 15,730,944
+    # (q 1,024 x 2,048, k and v 1,024 x 1,024, o 2,048 x 1,024, q/k norms 2 x 128, SwiGLU
+    # 3 x 1,024 x 3,072, 2 norms of 1,024) + final norm 1,024 = 596,049,920.
+    "Qwen/Qwen3-0.6B": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    # Qwen2.5-0.5B(-Instruct): 151,936 x 896 tied + 24 layers x 14,912,384 (q, k, v with
+    # biases; 2 key-value heads of 64) + 896 = 494,032,768.
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -66,18 +96,35 @@ class Strategy:
     key: str
     label: str
     launch_file: str | None  # None: no launch file ships for it
-    zero_stage: int
+    zero_stage: int | None  # DeepSpeed's ZeRO stage, 0 for DDP; None: not DeepSpeed (FSDP2)
     offload_optimizer: bool = False
     offload_params: bool = False
+
+    @property
+    def fsdp2(self) -> bool:
+        return self.zero_stage is None
 
 
 # Fastest first (the order the HF DeepSpeed guide gives: DDP > ZeRO-1 > ZeRO-2 > ZeRO-2 +
 # offload > ZeRO-3 > ZeRO-3 + offloads); the recommendation is the first row that fits.
+# FSDP2 (full shard, parameters freed after each block's forward) moves what ZeRO-3 moves:
+# every block's weights all-gathered in forward and again in backward, gradients
+# reduce-scattered, 3 x the weight bytes per step against ZeRO-2's 2 x (reduce-scatter +
+# all-gather of the updated shards); so it comes after ZeRO-2. It comes before ZeRO-3: for the
+# same traffic it holds less (a full fine-tune shards 16 B/param against ZeRO-3's 18,
+# clustertune.plan_fsdp) and starts without JIT-building DeepSpeed ops. Where a step
+# accumulates micro-batches FSDP2 also keeps the unsharded fp32 gradients (4 B/param), and
+# ZeRO-3 is then the one that fits first.
+# FSDP2 + offload comes last: its optimizer step is torch's AdamW on CPU tensors, the
+# per-parameter loop (torch's foreach and fused kernels take GPU tensors only), where
+# ZeRO-Offload runs DeepSpeed's vectorised CPU Adam; both copy each block's weights to the
+# GPU in forward and backward.
 STRATEGIES = (
     Strategy("ddp", "DDP", "launch/ddp.yaml", 0),
     Strategy("zero1", "ZeRO-1", "launch/zero1.yaml", 1),
     Strategy("zero2", "ZeRO-2", "launch/zero2.yaml", 2),
     Strategy("zero2_offload", "ZeRO-2 + offload optimizer", None, 2, offload_optimizer=True),
+    Strategy("fsdp2", "FSDP2", "launch/fsdp2.yaml", None),
     Strategy("zero3", "ZeRO-3", "launch/zero3.yaml", 3),
     Strategy(
         "zero3_offload_optimizer", "ZeRO-3 + offload optimizer", None, 3, offload_optimizer=True
@@ -87,6 +134,14 @@ STRATEGIES = (
         "ZeRO-3 + offload optimizer+params",
         "launch/zero3_offload.yaml",
         3,
+        offload_optimizer=True,
+        offload_params=True,
+    ),
+    Strategy(
+        "fsdp2_offload",
+        "FSDP2 + offload params+optimizer",
+        "launch/fsdp2_offload.yaml",
+        None,
         offload_optimizer=True,
         offload_params=True,
     ),
@@ -119,8 +174,11 @@ class Estimate:
     strategy: Strategy
     gpu_bytes: int
     cpu_bytes_per_node: int
-    source: str  # "deepspeed" (its estimator) or "formula" (below)
+    source: str  # "deepspeed" (its estimator) or "formula" (below, and plan_fsdp)
     fits: bool
+    # FSDP2 without offload: the whole fp32 model on each GPU while shard_model shards it;
+    # a row fits only if this fits the GPU too. 0: no such start-up peak is counted.
+    startup_gpu_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +188,8 @@ class MemoryPlan:
     method: str  # none | lora
     precision: str
     counts: ParamCounts
+    shard_groups: ShardGroups  # what FSDP2 gathers
+    grad_accum_steps: int | None  # None: found at start-up or varies with a token budget
     cluster: Cluster
     estimates: list[Estimate]
     recommended: Estimate | None
@@ -146,11 +206,10 @@ def load_plan_model_config(name: str) -> tuple[Any, str]:
     """(config, where it came from): a local folder, the built-in table, or the HF cache; never downloads."""
     if Path(name).is_dir():
         return load_model_config(name), "local folder"
-    if name in BUILTIN_CONFIGS:
-        from transformers import T5Config
-
-        return T5Config(**BUILTIN_CONFIGS[name]), "built-in config"
     from transformers import AutoConfig
+
+    if name in BUILTIN_CONFIGS:
+        return AutoConfig.for_model(**BUILTIN_CONFIGS[name]), "built-in config"
 
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True), "HF cache"
@@ -305,9 +364,50 @@ def _formula_bytes(
     return int(cpu * ADDITIONAL_BUFFER_FACTOR), gpu
 
 
-def estimate_strategy(
-    strategy: Strategy, counts: ParamCounts, cluster: Cluster, precision: str, zero_init: bool
+def _fsdp2_estimate(
+    strategy: Strategy,
+    counts: ParamCounts,
+    cluster: Cluster,
+    precision: str,
+    groups: ShardGroups,
+    accumulates: bool,
 ) -> Estimate:
+    found = fsdp2_bytes(
+        counts.total,
+        counts.trainable,
+        groups,
+        world_size=cluster.world_size,
+        gpus_per_node=cluster.gpus_per_node,
+        weight_bytes=4 if precision == "fp32" else 2,
+        offload=strategy.offload_params,
+        accumulates=accumulates,
+    )
+    cpu = int(found.cpu_per_node * ADDITIONAL_BUFFER_FACTOR)
+    fits = (
+        found.gpu <= MAX_STATE_SHARE * cluster.gpu_memory_gib * GIB
+        and found.startup_gpu <= cluster.gpu_memory_gib * GIB
+    )
+    if cluster.cpu_memory_gib is not None:
+        fits = fits and cpu <= cluster.cpu_memory_gib * GIB
+    return Estimate(strategy, found.gpu, cpu, "formula", fits, found.startup_gpu)
+
+
+def estimate_strategy(
+    strategy: Strategy,
+    counts: ParamCounts,
+    cluster: Cluster,
+    precision: str,
+    zero_init: bool,
+    *,
+    groups: ShardGroups | None = None,
+    accumulates: bool = True,
+) -> Estimate:
+    """One row. FSDP2 rows need the shard groups; `accumulates`: a step may take more than one
+    micro-batch (FSDP2 then keeps unsharded gradients between them)."""
+    if strategy.fsdp2:
+        if groups is None:
+            raise ValueError(f"{strategy.key}: FSDP2 rows need the model's shard groups")
+        return _fsdp2_estimate(strategy, counts, cluster, precision, groups, accumulates)
     full_mixed = counts.trainable == counts.total and precision in ("bf16", "fp16")
     if strategy.zero_stage >= 2 and full_mixed:
         cpu, gpu = _deepspeed_bytes(strategy, counts, cluster, zero_init)
@@ -329,11 +429,19 @@ def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> MemoryPlan:
         )
     model_config, source = load_plan_model_config(cfg.model.name_or_path)
     precision = planned_precision(cfg.model.dtype, model_config)
-    counts = count_model_params(build_meta_model(model_config, cfg.peft))
+    model = build_meta_model(model_config, cfg.peft)
+    counts = count_model_params(model)
+    groups = count_shard_groups(model, model_config)
+    accum = planned_grad_accum_steps(cfg, cluster.world_size)
     # T5 is loaded whole on every rank even under ZeRO-3 (modeling.supports_zero3_init).
     zero_init = supports_zero3_init(model_config)
     strategies = ((SINGLE_GPU,) + STRATEGIES[1:]) if cluster.world_size == 1 else STRATEGIES
-    estimates = [estimate_strategy(s, counts, cluster, precision, zero_init) for s in strategies]
+    estimates = [
+        estimate_strategy(
+            s, counts, cluster, precision, zero_init, groups=groups, accumulates=accum != 1
+        )
+        for s in strategies
+    ]
     recommended = next((e for e in estimates if e.fits and e.strategy.launch_file), None)
     return MemoryPlan(
         cfg.model.name_or_path,
@@ -341,104 +449,25 @@ def make_plan(cfg: FinetuneConfig, cluster: Cluster) -> MemoryPlan:
         cfg.peft.method,
         precision,
         counts,
+        groups,
+        accum,
         cluster,
         estimates,
         recommended,
     )
 
 
-# --- disk: what a run writes ----------------------------------------------------------------
-
-# A checkpoint holds, per trainable parameter, its fp32 value (DDP: the parameter itself; ZeRO:
-# the fp32 master partition) and Adam's two fp32 moments: 4 + 8 = 12 bytes. E.g. flan-t5-base
-# full fine-tuning: 12 x 247.6M = 2.8 GiB (+ 16-bit model states under ZeRO-1/2).
-CHECKPOINT_BYTES_PER_TRAINABLE = 12
-# Beside the tensors: trainer state, schedule, marker, DeepSpeed's recovery script (~40 KB)
-# and, per rank, the RNG states (~20 KB).
-CHECKPOINT_OVERHEAD_BYTES = 256 << 10
-RNG_BYTES_PER_RANK = 32 << 10
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
-
-
-def output_sizes(
-    counts: ParamCounts,
-    *,
-    zero_stage: int,
-    weight_bytes: int,
-    world_size: int,
-    lora: bool,
-    merge: bool,
-    tokenizer_bytes: int,
-    converts: bool,
-) -> OutputSizes:
-    """Bytes of one checkpoint, of final/, and of the universal form of a ZeRO checkpoint.
-
-    P params, T trainable, w bytes per weight of the DeepSpeed module (2 in bf16/fp16, else 4).
-    DDP / one process: 12T. ZeRO-1/2: + w P (mp_rank_00_model_states.pt holds every weight,
-    frozen ones too). ZeRO-3: + w (P - T) (the frozen parameters' fragments). final/: the
-    model (w P under DeepSpeed, whose state dict is 16-bit; 4 P otherwise) or the adapter (T),
-    merged/ (4 P, merged in fp32) and the tokenizer files. A state dict DeepSpeed gathers
-    holds a tied weight once per name (T5: shared, both embed_tokens and a tied lm_head), so
-    under DeepSpeed the model may hold three more copies of its largest layer, the embedding
-    (measured on the smoke T5 under ZeRO-2: 2,150,248 bytes for 366,848 parameters)."""
-    trainable, total = counts.trainable, counts.total
-    module = {0: 0, 3: weight_bytes * (total - trainable)}.get(zero_stage, weight_bytes * total)
-    states = CHECKPOINT_BYTES_PER_TRAINABLE * trainable + module
-    checkpoint = states + CHECKPOINT_OVERHEAD_BYTES + RNG_BYTES_PER_RANK * world_size
-    final_weight = weight_bytes if zero_stage else 4
-    tied_copies = 3 * counts.largest_layer if zero_stage else 0
-    final = final_weight * (trainable if lora else total + tied_copies) + tokenizer_bytes
-    if lora and merge:
-        final += 4 * total
-    return OutputSizes(checkpoint, final, states if converts else 0)
-
-
-def _tokenizer_bytes(model_name: str) -> int:
-    """The files of a local model folder other than its weights (tokenizer, configs): what
-    final/ holds beside the weights. 0 for a hub id (small against the weights)."""
-    folder = Path(model_name).expanduser()
-    if not folder.is_dir():
-        return 0
-    return sum(
-        p.stat().st_size
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
-    )
-
-
-def check_outputs_fit(
-    cfg: FinetuneConfig,
-    run: RunFolder,
-    *,
-    model_config: Any,
-    world_size: int,
-    zero_stage: int,
-    dtype: str,
-    converts: bool,
-) -> None:
-    """Before compute: checkpoints/ and final/ can be written, and the filesystem under
-    output_dir has room for keep_last + 1 checkpoints or keep_last and final/."""
-    for folder in (run.checkpoints, run.final):
-        remove_stale_probes(folder)
-        if folder.is_dir():
-            check_writable(
-                folder,
-                f"{folder.name}/ of output_dir '{run.root}' ({folder})",
-                "make it writable (the run writes into it), or use a new output_dir",
-            )
-    counts = count_model_params(build_meta_model(model_config, cfg.peft))
-    sizes = output_sizes(
-        counts,
-        zero_stage=zero_stage,
-        weight_bytes=2 if zero_stage and dtype in ("bf16", "fp16") else 4,
-        world_size=world_size,
-        lora=cfg.peft.method == "lora",
-        merge=cfg.peft.merge_on_save,
-        tokenizer_bytes=_tokenizer_bytes(cfg.model.name_or_path),
-        converts=converts,
-    )
-    existing = len(run.complete_checkpoints())
-    check_space(run.root, sizes, keep_last=max(1, cfg.checkpoint.keep_last), existing=existing)
+def planned_grad_accum_steps(cfg: FinetuneConfig, world_size: int) -> int | None:
+    """Micro-batches per optimizer step where the config fixes them; None where they are
+    found at start-up (micro_batch_size auto) or vary with the data (micro_batch_tokens), and
+    where the batch arithmetic is wrong (the run would stop; plan_cli's batch line says why)."""
+    train = cfg.train
+    if train.micro_batch_tokens:
+        return None
+    try:
+        return check_batch_arithmetic(train.global_batch_size, train.micro_batch_size, world_size)
+    except UserError:
+        return None
 
 
 # --- output ----------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def format_plan(plan: MemoryPlan, command: str | None, batch_line: str) -> str:
             "LoRA: DeepSpeed's estimators assume every parameter trainable, so every row "
             "is plan.py's formula (frozen weights need no gradients or optimizer state)"
         )
+    if any(e.strategy.fsdp2 for e in plan.estimates):
+        lines.append(_fsdp2_line(plan))
     lines += [
         "",
         f"{'strategy':34} {'GPU GiB':>8} {'of GPU':>7} {'CPU GiB/node':>13}  {'fits':4}  "
@@ -110,6 +112,12 @@ def format_plan(plan: MemoryPlan, command: str | None, batch_line: str) -> str:
             f"{launch:26} {source} {mark}".rstrip()
         )
     lines.append("")
+    for e in plan.estimates:
+        if e.startup_gpu_bytes > cluster.gpu_memory_gib * GIB:
+            lines.append(
+                f"{e.strategy.label} does not fit at start-up: the whole fp32 model "
+                f"({e.startup_gpu_bytes / GIB:.1f} GiB) is moved to each GPU before it is sharded."
+            )
     if plan.recommended is None:
         lines.append(
             "recommended: nothing fits; add GPUs or nodes, use LoRA (--peft.method=lora), "
@@ -132,6 +140,29 @@ def format_plan(plan: MemoryPlan, command: str | None, batch_line: str) -> str:
     return "\n".join(lines)
 
 
+def _fsdp2_line(plan: MemoryPlan) -> str:
+    groups = plan.shard_groups
+    if groups.blocks:
+        gathered = (
+            f"and one of {groups.blocks} {groups.block_class} groups at a time (the largest "
+            f"{groups.largest_block:,})"
+        )
+    else:
+        gathered = "(no transformer blocks: the whole model is one group)"
+    if plan.grad_accum_steps == 1:
+        accumulation = "one micro-batch per step: no unsharded gradients kept"
+    else:
+        steps = plan.grad_accum_steps or "maybe several"
+        accumulation = (
+            f"micro-batches per step: {steps}, so the FSDP2 rows include the unsharded fp32 "
+            "gradients FSDP2 keeps between them (4 B per trainable parameter)"
+        )
+    return (
+        f"FSDP2 gathers the root group ({groups.root:,} parameters outside the blocks) for the "
+        f"whole step {gathered}; {accumulation}"
+    )
+
+
 def plan_to_dict(plan: MemoryPlan, command: str | None) -> dict[str, Any]:
     def row(e: Estimate) -> dict[str, Any]:
         return {
@@ -141,6 +172,7 @@ def plan_to_dict(plan: MemoryPlan, command: str | None) -> dict[str, Any]:
             "cpu_bytes_per_node": e.cpu_bytes_per_node,
             "source": e.source,
             "fits": e.fits,
+            "startup_gpu_bytes": e.startup_gpu_bytes,
         }
 
     return {
@@ -149,6 +181,8 @@ def plan_to_dict(plan: MemoryPlan, command: str | None) -> dict[str, Any]:
         "method": plan.method,
         "precision": plan.precision,
         "params": asdict(plan.counts),
+        "fsdp2_shard_groups": asdict(plan.shard_groups),
+        "grad_accum_steps": plan.grad_accum_steps,
         "cluster": asdict(plan.cluster),
         "max_state_share": MAX_STATE_SHARE,
         "estimates": [row(e) for e in plan.estimates],
@@ -161,7 +195,8 @@ def _planner_args() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plan.py",
         allow_abbrev=False,
-        description="Model-state memory per GPU under DDP and ZeRO 1/2/3 (+offload) and a launch command.",
+        description="Model-state memory per GPU under DDP, ZeRO 1/2/3 and FSDP2 (+offload) and a "
+        "launch command.",
         epilog="All other arguments are the fine-tuning config's: --config FILE and --section.key=value "
         "overrides (python recipes/finetune.py --help lists them).",
     )

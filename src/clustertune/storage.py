@@ -4,7 +4,7 @@ anyway becomes one line naming the path and the cause.
 - `check_writable`: a probe file written and removed in a folder (removed whatever happens:
   a probe that failed half-way on a full disk is not left behind); `remove_stale_probes` clears
   those of processes that were killed mid-probe.
-- `check_space`: the bytes a run will hold at its peak (plan.output_sizes estimates them)
+- `check_space`: the bytes a run will hold at its peak (plan_disk.output_sizes estimates them)
   against the free space of the filesystem under output_dir, as this process sees it (every
   rank checks its own node's view).
 - `write_failure_cause`: why a write failed, when the reason is the disk or the permissions:
@@ -90,7 +90,7 @@ def remove_stale_probes(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class OutputSizes:
-    """Estimated bytes of what a run writes (plan.output_sizes)."""
+    """Estimated bytes of what a run writes (plan_disk.output_sizes)."""
 
     checkpoint: int  # one checkpoint, all ranks' files
     final: int  # final/ (the model or adapter, merged/ too, the tokenizer)

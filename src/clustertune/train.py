@@ -251,8 +251,8 @@ class Trainer:
 
     def _check_outputs_fit(self, resume_from: Path | None) -> None:
         """Before the batch-size search and step 1: checkpoints/ and final/ writable, and room
-        under output_dir for what the run will write (plan.check_outputs_fit)."""
-        from clustertune.plan import check_outputs_fit
+        under output_dir for what the run will write (plan_disk.check_outputs_fit)."""
+        from clustertune.plan_disk import check_outputs_fit
 
         runtime = self.runtime
         stage = zero_stage(runtime.deepspeed_template)

@@ -110,8 +110,10 @@ def prepare(workload: str, args: argparse.Namespace, work: Path) -> dict[str, An
             args.causal_shape, tokenizer, args.seed, work / "model"
         )
         shape, dims = f"llama {args.causal_shape}", LLAMA_SHAPES[args.causal_shape]
+        from clustertune.chat import training_template
+
         spec_ = data_lib.TokenizeSpec(
-            "causal", SEED_PROMPT, "summary", 512, 128, use_chat_template=True
+            "causal", SEED_PROMPT, "summary", 512, 128, template=training_template(tokenizer)
         )
     tokenized = data_lib.tokenize_dataset(
         datasets.Dataset.from_list([rows[i] for i in chosen]), tokenizer, spec_

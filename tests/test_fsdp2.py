@@ -79,14 +79,14 @@ def test_fsdp2_on_2_ranks_equals_one_process(config, smoke_assets, tmp_path):
     )
     assert result.returncode == 0, describe(result)
     launch = "fsdp2"
-    if config == "full":  # the launch file's activation checkpointing: same losses, less memory
+    if config == "full":
+        # the launch file's activation checkpointing: the same losses; rank-0 loading: a note
         text = (REPO / "launch" / "fsdp2.yaml").read_text()
         launch = str(tmp_path / "fsdp2_checkpointing")
-        Path(f"{launch}.yaml").write_text(
-            text.replace(
-                "fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"
-            )
-        )
+        for key in ("fsdp_activation_checkpointing", "fsdp_cpu_ram_efficient_loading"):
+            assert f"{key}: false" in text
+            text = text.replace(f"{key}: false", f"{key}: true")
+        Path(f"{launch}.yaml").write_text(text)
     result = run(
         launch_command(
             "recipes/finetune.py",
@@ -98,6 +98,7 @@ def test_fsdp2_on_2_ranks_equals_one_process(config, smoke_assets, tmp_path):
     assert result.returncode == 0, describe(result)
     assert ", FSDP2" in result.stdout
     assert ("gradient checkpointing on" in result.stdout) == (config == "full")
+    assert ("fsdp_cpu_ram_efficient_loading: true" in result.stdout) == (config == "full")
     reference = train_losses(one)
     assert_same(train_losses(two), reference, range(1, 5))
     loss = final_eval_loss(two)

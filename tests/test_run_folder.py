@@ -220,6 +220,9 @@ def test_output_sizes_follow_the_states_each_strategy_saves():
     assert sizes(0).final == 4 * 100 + 7 and sizes(0, merge=True).final == 4 * 1100 + 7
     assert sizes(2, lora=False).final == 2 * (1000 + 3 * 200) + 7
     assert sizes(2, converts=True).conversion == 12 * 100 + 2 * 1000
+    # FSDP2: the DCP checkpoint holds the whole fp32 model, the frozen base too
+    assert sizes(0, fsdp=True).checkpoint == 12 * 100 + 4 * 900 + overhead
+    assert sizes(0, fsdp=True, lora=False).final == 4 * 1000 + 7
 
 
 def test_too_little_space_is_refused_naming_both_figures(tmp_path):

@@ -124,6 +124,26 @@ def check_fsdp_settings(settings: FSDPSettings, dtype: str, model_config: Any) -
             )
 
 
+def apply_fsdp_model_settings(settings: FSDPSettings, model_cfg: Any) -> list[str]:
+    """The launch file's settings that concern the model itself, applied to `model_cfg`
+    (model.*); one log line for each that takes effect or is not used."""
+    notes = []
+    if settings.activation_checkpointing and not model_cfg.gradient_checkpointing:
+        # the same as model.gradient_checkpointing (each block's activations recomputed in
+        # backward), which does the work under every engine
+        model_cfg.gradient_checkpointing = True
+        notes.append(
+            "fsdp_activation_checkpointing: true in the launch file: gradient checkpointing on "
+            "(model.gradient_checkpointing=true)."
+        )
+    if settings.cpu_ram_efficient_loading:
+        notes.append(
+            "fsdp_cpu_ram_efficient_loading: true in the launch file is not used: every rank "
+            "loads the whole model in CPU memory (4 bytes a parameter) before sharding it."
+        )
+    return notes
+
+
 def block_classes(model_config: Any) -> list[str]:
     """The model's transformer-block classes (what transformers never splits: the shard
     groups), from its class alone, without loading weights."""
@@ -150,7 +170,7 @@ def accelerate_without_fsdp() -> Iterator[None]:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-def shard_model(model: torch.nn.Module, settings: FSDPSettings, dtype: str, device: Any) -> Any:
+def shard_model(model: torch.nn.Module, settings: FSDPSettings, dtype: str) -> Any:
     """`fully_shard` each transformer block, then the root: one all-gather per block in
     forward and backward, parameters freed again after each (reshard_after_forward)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -161,10 +181,11 @@ def shard_model(model: torch.nn.Module, settings: FSDPSettings, dtype: str, devi
     if dtype in ("bf16", "fp16"):
         compute = torch.bfloat16 if dtype == "bf16" else torch.float16
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    # Without a GPU the parameters are in CPU memory already: nothing to offload. Otherwise
+    # fully_shard moves each group's parameters and buffers to the GPU as it shards them (the
+    # blocks first, the root last), so the GPU never holds more than one unsharded group.
     if settings.offload_params and torch.cuda.is_available():
         options["offload_policy"] = CPUOffloadPolicy()
-    else:  # without a GPU the parameters are in CPU memory already: nothing to offload
-        model.to(device)
     if settings.wrap_policy == "TRANSFORMER_BASED_WRAP":
         for module in model.modules():
             if type(module).__name__ in names:

@@ -128,7 +128,7 @@ def prepare_optimization(
     accelerator.prepare).
     """
     if fsdp is not None:
-        model = shard_model(model, fsdp, dtype, accelerator.device)
+        model = shard_model(model, fsdp, dtype)
         optimizer = build_optimizer(model, train_cfg, None)
         scheduler = build_scheduler(optimizer, train_cfg, total_steps)
         return (

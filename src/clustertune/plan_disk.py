@@ -33,6 +33,7 @@ def output_sizes(
     merge: bool,
     tokenizer_bytes: int,
     converts: bool,
+    fsdp: bool = False,
 ) -> OutputSizes:
     """Bytes of one checkpoint, of final/, and of the universal form of a ZeRO checkpoint.
 
@@ -43,9 +44,13 @@ def output_sizes(
     merged/ (4 P, merged in fp32) and the tokenizer files. A state dict DeepSpeed gathers
     holds a tied weight once per name (T5: shared, both embed_tokens and a tied lm_head), so
     under DeepSpeed the model may hold three more copies of its largest layer, the embedding
-    (measured on the smoke T5 under ZeRO-2: 2,150,248 bytes for 366,848 parameters)."""
+    (measured on the smoke T5 under ZeRO-2: 2,150,248 bytes for 366,848 parameters).
+    FSDP2 (`fsdp`, zero_stage 0): the DCP checkpoint holds the whole fp32 model state, so
+    + 4 (P - T) for the frozen parameters (a LoRA run's base)."""
     trainable, total = counts.trainable, counts.total
     module = {0: 0, 3: weight_bytes * (total - trainable)}.get(zero_stage, weight_bytes * total)
+    if fsdp:
+        module = 4 * (total - trainable)
     states = CHECKPOINT_BYTES_PER_TRAINABLE * trainable + module
     checkpoint = states + CHECKPOINT_OVERHEAD_BYTES + RNG_BYTES_PER_RANK * world_size
     final_weight = weight_bytes if zero_stage else 4
@@ -78,6 +83,7 @@ def check_outputs_fit(
     zero_stage: int,
     dtype: str,
     converts: bool,
+    fsdp: bool = False,
 ) -> None:
     """Before compute: checkpoints/ and final/ can be written, and the filesystem under
     output_dir has room for keep_last + 1 checkpoints or keep_last and final/."""
@@ -99,6 +105,7 @@ def check_outputs_fit(
         merge=cfg.peft.merge_on_save,
         tokenizer_bytes=_tokenizer_bytes(cfg.model.name_or_path),
         converts=converts,
+        fsdp=fsdp,
     )
     existing = len(run.complete_checkpoints())
     check_space(run.root, sizes, keep_last=max(1, cfg.checkpoint.keep_last), existing=existing)

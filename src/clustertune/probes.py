@@ -88,7 +88,7 @@ def training_probe(
 
             return forward_backward, engine.step, engine.destroy
         if runtime.fsdp is not None:  # sharded as the run shards it: its memory per rank
-            model = shard_model(model, runtime.fsdp, runtime.dtype, runtime.device)
+            model = shard_model(model, runtime.fsdp, runtime.dtype)
             optimizer = build_optimizer(model, cfg.train, None)
 
             def sharded_forward_backward(batch: dict[str, torch.Tensor]) -> None:

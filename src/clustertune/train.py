@@ -27,6 +27,7 @@ from clustertune.config import FinetuneConfig, flat_config
 from clustertune.deepspeed_config import check_optimizer_and_scheduler, zero_stage
 from clustertune.distributed import DDPStepper, DeepSpeedStepper, launched_world_size
 from clustertune.errors import UserError
+from clustertune.fsdp import apply_fsdp_model_settings
 from clustertune.metrics import MetricsLog, ThroughputWindow, peak_memory_gib, plot_training
 from clustertune.modeling import (
     build_model,
@@ -110,18 +111,9 @@ class Trainer:
         cfg = self.cfg
         self.runtime = runtime = self._validate_before_compute()
         runtime.start(cfg.seed)
-        if (
-            runtime.fsdp
-            and runtime.fsdp.activation_checkpointing
-            and not cfg.model.gradient_checkpointing
-        ):
-            # the launch file asks for it; the same thing as model.gradient_checkpointing (each
-            # block's activations recomputed in backward), which does the work under every engine
-            cfg.model.gradient_checkpointing = True
-            runtime.log(
-                "fsdp_activation_checkpointing: true in the launch file: gradient checkpointing "
-                "on (model.gradient_checkpointing=true)."
-            )
+        if runtime.fsdp:
+            for note in apply_fsdp_model_settings(runtime.fsdp, cfg.model):
+                runtime.log(note)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = load_training_data(cfg, runtime, self.tokenizer)
         steps_per_epoch = len(self.data.train) // cfg.train.global_batch_size
@@ -267,6 +259,7 @@ class Trainer:
             zero_stage=stage,
             dtype=runtime.dtype,
             converts=converts,
+            fsdp=runtime.fsdp is not None,
         )
 
     def _setup_model(self) -> None:

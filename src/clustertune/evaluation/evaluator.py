@@ -230,7 +230,7 @@ class Evaluator:
         elif self.runtime.fsdp is not None:
             # FSDP2: each block's weights gathered for its forward and freed after, as in
             # training; generation keeps every rank stepping together (synced_gpus)
-            self.model = shard_model(model, self.runtime.fsdp, self.dtype, accel.device)
+            self.model = shard_model(model, self.runtime.fsdp, self.dtype)
         else:
             # DDP: one replica per rank and nothing to all-reduce, so no DDP wrapper (which also
             # refuses a model without trainable parameters): device placement and autocast only.

@@ -176,8 +176,9 @@ class Estimate:
     cpu_bytes_per_node: int
     source: str  # "deepspeed" (its estimator) or "formula" (below, and plan_fsdp)
     fits: bool
-    # FSDP2 without offload: the whole fp32 model on each GPU while shard_model shards it;
-    # a row fits only if this fits the GPU too. 0: no such start-up peak is counted.
+    # FSDP2 without offload: the fp32 shards and one whole group on each GPU while
+    # fully_shard shards the model; a row fits only if this fits the GPU too. 0: no such
+    # start-up peak is counted.
     startup_gpu_bytes: int = 0
 
 

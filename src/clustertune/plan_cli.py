@@ -115,8 +115,8 @@ def format_plan(plan: MemoryPlan, command: str | None, batch_line: str) -> str:
     for e in plan.estimates:
         if e.startup_gpu_bytes > cluster.gpu_memory_gib * GIB:
             lines.append(
-                f"{e.strategy.label} does not fit at start-up: the whole fp32 model "
-                f"({e.startup_gpu_bytes / GIB:.1f} GiB) is moved to each GPU before it is sharded."
+                f"{e.strategy.label} does not fit at start-up: the fp32 shards and the largest "
+                f"group whole ({e.startup_gpu_bytes / GIB:.1f} GiB) are on each GPU as it shards."
             )
     if plan.recommended is None:
         lines.append(

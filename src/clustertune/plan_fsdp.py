@@ -32,9 +32,11 @@ R = 49.35 M (shared + lm_head + 2 final norms), B = 9.44 M (a decoder T5Block):
 = 730.3 MB = 0.68 GiB, against ZeRO-3's 0.61 GiB (DeepSpeed counts its largest layer, the
 24.7 M embedding, where FSDP2 gathers the whole root group).
 
-Start-up: shard_model moves the whole fp32 model to the GPU before sharding it (without
-offload), so each GPU briefly holds 4 P bytes; every rank loads the fp32 checkpoint into CPU
-memory first (4 P per rank, as under DDP).
+Start-up: every rank loads the fp32 checkpoint into CPU memory first (4 P per rank, as under
+DDP); fully_shard then moves one group at a time to the GPU and keeps its shard, so a GPU
+holds at most the fp32 shards made so far and one whole group: 4 P / N + 4 max(R, B)
+(without offload; with LoRA in bf16 this can exceed the step's figure, whose groups are
+gathered in bf16).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class ShardGroups:
 class FSDP2Bytes:
     gpu: int  # per rank, in training
     cpu_per_node: int  # before DeepSpeed's slack factor, which the planner applies to every row
-    startup_gpu: int  # per rank while shard_model shards the model
+    startup_gpu: int  # per rank while fully_shard shards the model, group by group
 
 
 def count_shard_groups(model: Any, model_config: Any) -> ShardGroups:
@@ -126,5 +128,5 @@ def fsdp2_bytes(
     return FSDP2Bytes(
         gpu=int(sharded_per_rank) + gathered + accumulated,
         cpu_per_node=load,
-        startup_gpu=4 * total,
+        startup_gpu=int(4 * total / world_size) + 4 * max(groups.root, groups.largest_block),
     )

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import REPO, describe, train_losses
+from helpers import describe, train_losses
 from safetensors.torch import load_file
 from test_slurm_jobs import (
     JOB_TIMEOUT_S,
     MAX_STEPS,
+    cluster_settings,
     job_ids,
     log,
     smoke_args,
@@ -44,12 +44,7 @@ FSDP2 = ("--launch", "launch/fsdp2.yaml")
 
 @pytest.fixture(scope="module")
 def settings(slurm_cluster: Path, tmp_path_factory) -> Path:
-    """slurm/dev-cluster.yaml with a fresh submitit folder."""
-    folder = tmp_path_factory.mktemp("submitit-fsdp2")
-    values = yaml.safe_load((REPO / "slurm/dev-cluster.yaml").read_text())
-    path = folder / "cluster.yaml"
-    path.write_text(yaml.safe_dump({**values, "folder": str(folder / "%j")}))
-    return path
+    return cluster_settings(tmp_path_factory.mktemp("submitit-fsdp2"))
 
 
 @pytest.fixture(scope="module")

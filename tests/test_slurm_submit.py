@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -193,6 +194,10 @@ def test_node_command_is_valid_accelerate_launch_arguments(launch):
 FSDP2_LAUNCH = yaml.safe_load((REPO / "launch/fsdp2.yaml").read_text())
 
 
+def dev_cluster_with(launch: Path) -> tuple[str, ...]:
+    return ("--config", "slurm/dev-cluster.yaml", "--launch", str(launch))
+
+
 @pytest.mark.parametrize(
     ("fsdp_config", "recipe_args", "message"),
     [
@@ -229,16 +234,7 @@ def test_fsdp_launch_file_is_refused_before_submitting_as_the_recipe_refuses_it(
         (launch["fsdp_config"] if key.startswith("fsdp_") else launch)[key] = value
     path = tmp_path / "fsdp.yaml"
     path.write_text(yaml.safe_dump(launch))
-    code, out, err = submit(
-        capsys,
-        "--config",
-        "slurm/dev-cluster.yaml",
-        "--launch",
-        str(path),
-        "--",
-        *RECIPE,
-        *recipe_args,
-    )
+    code, out, err = submit(capsys, *dev_cluster_with(path), "--", *RECIPE, *recipe_args)
     assert code == 2, (out, err)
     assert err.startswith(f"clustertune: error: {path}: ") and len(err.strip().splitlines()) == 1
     assert message in err
@@ -249,18 +245,8 @@ def test_fsdp_mixed_precision_with_dtype_auto_is_left_to_the_node(capsys, no_slu
     """model.dtype=auto becomes bf16 or fp32 on the node, so only the job can compare them."""
     path = tmp_path / "fsdp.yaml"
     path.write_text(yaml.safe_dump({**FSDP2_LAUNCH, "mixed_precision": "bf16"}))
-    code, out, err = submit(
-        capsys,
-        "--config",
-        "slurm/dev-cluster.yaml",
-        "--launch",
-        str(path),
-        "--dry-run",
-        "--",
-        *RECIPE,
-        "--model.dtype=auto",
-        f"--output_dir={tmp_path / 'run'}",
-    )
+    recipe = [*RECIPE, "--model.dtype=auto", f"--output_dir={tmp_path / 'run'}"]
+    code, out, err = submit(capsys, *dev_cluster_with(path), "--dry-run", "--", *recipe)
     assert code == 0, err
     node_command = out.split("runs ----\n")[1].splitlines()[0]
     assert f"--config_file {path}" in node_command and "deepspeed" not in node_command

@@ -1,12 +1,12 @@
 """The FSDP2 launch file through clustertune-submit on the real local SLURM cluster (2 CPU nodes).
 
-One chain of jobs on the smoke LoRA run (12 steps, dropout 0), each job checked as it ends:
-- 1 node x 2 processes, uninterrupted: the reference;
+One chain of jobs on the smoke LoRA run (12 steps, dropout 0), each checked as it ends:
 - 2 nodes x 1 process (rendezvous on n1) stopped by the time-limit signal: every rank writes
   its torch.distributed.checkpoint shard, node 0 requeues the job, the requeued job resumes;
   stopped again, it is at its requeue limit and ends;
 - the same command on 1 node x 1 process: --dry-run says DCP reshards 2 -> 1, the job resumes
-  the 2-rank checkpoint on 1 rank and finishes with final/.
+  the 2-rank checkpoint on 1 rank and finishes with final/;
+- beside that job, on the other node, the uninterrupted reference: 1 node x 2 processes.
 The losses of every step, before and after each stop, equal the reference's (rel 1e-5).
 Wall times are printed (pytest -s), not asserted.
 """
@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import describe, train_losses
+from helpers import REPO, describe, recipe_env, train_losses
 from safetensors.torch import load_file
 from test_slurm_jobs import (
     JOB_TIMEOUT_S,
@@ -47,30 +48,6 @@ def settings(slurm_cluster: Path, tmp_path_factory) -> Path:
     return cluster_settings(tmp_path_factory.mktemp("submitit-fsdp2"))
 
 
-@pytest.fixture(scope="module")
-def reference(settings: Path, smoke_assets, tmp_path_factory) -> dict[str, object]:
-    """1 node x 2 processes under FSDP2, submitted with --wait: the uninterrupted run."""
-    out = tmp_path_factory.mktemp("fsdp2-runs") / "reference"
-    began = time.monotonic()
-    one_node = (*FSDP2, "--nodes", "1", "--processes-per-node", "2")
-    result = submit(settings, smoke_args(smoke_assets, out), *one_node, "--wait")
-    return {"result": result, "out": out, "wall_s": time.monotonic() - began}
-
-
-def test_fsdp2_on_one_node_two_processes(reference, settings):
-    result, out = reference["result"], reference["out"]
-    assert result.returncode == 0, describe(result)
-    (job_id,) = job_ids(result)
-    assert f"job {job_id} (training): COMPLETED, exit 0:0" in result.stdout, result.stdout
-    assert "lora, dtype fp32, FSDP2" in log(settings, job_id, 0)
-    assert "deepspeed" not in log(settings, job_id, 0, "err")
-    assert sorted(train_losses(out)) == list(range(1, MAX_STEPS + 1))
-    # The whole adapter, gathered from the shards: tests/test_fsdp2.py loads one with peft.
-    adapter = load_file(out / "final" / "adapter_model.safetensors")
-    assert any("lora_B" in name and float(p.abs().max()) > 0 for name, p in adapter.items())
-    print(f"\nFSDP2, 1 node x 2 processes, {MAX_STEPS} steps: {reference['wall_s']:.0f} s")
-
-
 def last_step(out: Path) -> int:
     return max(train_losses(out) or [0]) if (out / "metrics.jsonl").exists() else 0
 
@@ -92,15 +69,32 @@ def wait_while_running(job_id: str, settings: Path, done) -> None:
         time.sleep(0.1)
 
 
+def submitting(settings: Path, recipe: list[str], *flags: str) -> subprocess.Popen:
+    """`clustertune-submit ... --wait` started; test_slurm_jobs.submit, without waiting for it."""
+    command = [sys.executable, "slurm/submit.py", "--config", str(settings), *flags, "--wait"]
+    return subprocess.Popen(
+        [*command, "--", *recipe],
+        cwd=REPO,
+        env=recipe_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=JOB_TIMEOUT_S)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def shards(checkpoint: Path) -> list[str]:
     return sorted(path.name for path in (checkpoint / "dcp").glob("*.distcp"))
 
 
 def test_fsdp2_preempted_on_two_nodes_requeues_resumes_and_finishes_on_one(
-    reference, settings, smoke_assets, tmp_path
+    settings, smoke_assets, tmp_path
 ):
-    assert reference["result"].returncode == 0, describe(reference["result"])
-    out = tmp_path / "preempted"
+    out, reference = tmp_path / "preempted", tmp_path / "uninterrupted"
     recipe = smoke_args(smoke_assets, out)
     two_nodes = (*FSDP2, "--nodes", "2", "--processes-per-node", "1", "--max-requeues", "1")
     began = time.monotonic()
@@ -124,6 +118,7 @@ def test_fsdp2_preempted_on_two_nodes_requeues_resumes_and_finishes_on_one(
     stops = stopped_at(settings, job_id)
     assert len(stops) == 2 and 2 <= stops[0] < stops[1] < MAX_STEPS, errors
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "1", fields
+    assert "lora, dtype fp32, FSDP2" in output and "deepspeed" not in errors
     assert f"requeued job {job_id} (requeue 1 of at most 1)" in errors, errors
     assert "requeued 1 times already (max_requeues=1)" in errors, errors
     assert re.search(rf"resumed from \S+/step_{stops[0]} at step {stops[0]} of {MAX_STEPS}", output)
@@ -143,9 +138,17 @@ def test_fsdp2_preempted_on_two_nodes_requeues_resumes_and_finishes_on_one(
         f"resume: {last} was saved by FSDP2 on 2 rank(s), this launch has 1: "
         "torch.distributed.checkpoint reshards it as it loads." in dry.stdout
     ), describe(dry)
+    # The resumed job and the reference at once, one node each.
     began = time.monotonic()
-    second = submit(settings, recipe, *one_node, "--wait")
+    second = submitting(settings, recipe, *one_node)
+    uninterrupted = submitting(
+        settings,
+        smoke_args(smoke_assets, reference),
+        *(*FSDP2, "--nodes", "1", "--processes-per-node", "2"),
+    )
+    second, uninterrupted = finished(second), finished(uninterrupted)
     one_node_s = time.monotonic() - began
+
     assert second.returncode == 0, describe(second)
     (second_id,) = job_ids(second)
     output = log(settings, second_id, 0)
@@ -153,17 +156,23 @@ def test_fsdp2_preempted_on_two_nodes_requeues_resumes_and_finishes_on_one(
         rf"resumed from {last} at step {stops[1]} of {MAX_STEPS} \(resharded from 2 to 1 ranks",
         output,
     ), output
-    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert uninterrupted.returncode == 0, describe(uninterrupted)
+    (reference_id,) = job_ids(uninterrupted)
+    assert "lora, dtype fp32, FSDP2" in log(settings, reference_id, 0)
+    for run in (out, reference):  # the whole adapter, gathered from the shards
+        adapter = load_file(run / "final" / "adapter_model.safetensors")
+        assert any("lora_B" in name and float(p.abs().max()) > 0 for name, p in adapter.items())
 
-    resumed, expected = train_losses(out), train_losses(reference["out"])
+    resumed, expected = train_losses(out), train_losses(reference)
     assert sorted(resumed) == sorted(expected) == list(range(1, MAX_STEPS + 1))
     gap = {s: abs(resumed[s] - expected[s]) / abs(expected[s]) for s in expected}
     after = [s for s in expected if s > stops[0]]
     print(
         f"\nFSDP2 2 nodes x 1: stopped at steps {stops[0]} and {stops[1]} (requeued once) in "
-        f"{two_node_s:.0f} s; 1 node x 1 resumed step_{stops[1]} and finished in {one_node_s:.0f} s; "
-        f"loss at step {stops[0] + 1} {resumed[stops[0] + 1]:.6f} vs {expected[stops[0] + 1]:.6f}, "
-        f"step {MAX_STEPS} {resumed[MAX_STEPS]:.6f} vs {expected[MAX_STEPS]:.6f}; max relative "
-        f"difference {max(gap.values()):.1e} ({max(gap[s] for s in after):.1e} after a resume)"
+        f"{two_node_s:.0f} s; then 1 node x 1 (resumed step_{stops[1]}) beside the reference "
+        f"1 node x 2 in {one_node_s:.0f} s; loss at step {stops[0] + 1} "
+        f"{resumed[stops[0] + 1]:.6f} vs {expected[stops[0] + 1]:.6f}, step {MAX_STEPS} "
+        f"{resumed[MAX_STEPS]:.6f} vs {expected[MAX_STEPS]:.6f}; max relative difference "
+        f"{max(gap.values()):.1e} ({max(gap[s] for s in after):.1e} after a resume)"
     )
     assert max(gap.values()) <= RELATIVE, (resumed, expected)

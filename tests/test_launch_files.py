@@ -141,24 +141,52 @@ def test_deepspeed_config_of_launch_file_fills_completely(name, dtype):
 
 
 FSDP_PROBE = """
-import json
-from transformers import LlamaConfig, T5Config
-from clustertune.fsdp import check_fsdp_settings, fsdp_settings
-settings = fsdp_settings()
-for model_config in (T5Config(), LlamaConfig()):
-    check_fsdp_settings(settings, "fp32", model_config)
-print(json.dumps({"version": settings.version, "offload": settings.offload_params}))
+import dataclasses, json
+from clustertune.fsdp import fsdp_settings
+print(json.dumps(dataclasses.asdict(fsdp_settings())))
 """
 
+# An FSDP launch file as a user may write it: keys without the fsdp_ prefix (accelerate adds
+# it), FSDP1, bf16, two wrapped classes, booleans the other way round from launch/fsdp2.yaml.
+USER_WRITTEN_FSDP = {
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "FSDP",
+    "mixed_precision": "bf16",
+    "num_machines": 1,
+    "num_processes": 1,
+    "fsdp_config": {
+        "version": 1,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "T5Block,LlamaDecoderLayer",
+        "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": False,
+        "offload_params": True,
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": True,
+    },
+}
 
-@pytest.mark.parametrize("name", [name for name, e in sorted(EXPECTED.items()) if e[0] == "FSDP"])
-def test_fsdp2_launch_files_reach_the_processes_as_clustertune_reads_them(name, tmp_path):
+
+@pytest.mark.parametrize(
+    "name", [name for name, e in sorted(EXPECTED.items()) if e[0] == "FSDP"] + ["user-written"]
+)
+def test_fsdp_launch_files_reach_the_processes_as_clustertune_reads_them(name, tmp_path):
     """The settings `accelerate launch` exports from the file, read back in the process by
-    clustertune as a valid FSDP2 setup for a T5 and a Llama."""
+    clustertune, are those clustertune-submit reads from the file itself
+    (fsdp.launch_file_settings); the shipped files are a valid FSDP2 setup for a T5 and a
+    Llama."""
     import json
     import subprocess
     import sys
 
+    from transformers import LlamaConfig, T5Config
+
+    from clustertune.fsdp import FSDPSettings, check_fsdp_settings, launch_file_settings
+
+    path = REPO / "launch" / f"{name}.yaml"
+    if name == "user-written":
+        path = tmp_path / "fsdp.yaml"
+        path.write_text(yaml.safe_dump(USER_WRITTEN_FSDP))
     probe = tmp_path / "probe.py"
     probe.write_text(FSDP_PROBE)
     command = [
@@ -166,7 +194,7 @@ def test_fsdp2_launch_files_reach_the_processes_as_clustertune_reads_them(name, 
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(REPO / "launch" / f"{name}.yaml"),
+        str(path),
         "--num_processes",
         "1",
         str(probe),
@@ -174,7 +202,15 @@ def test_fsdp2_launch_files_reach_the_processes_as_clustertune_reads_them(name, 
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     read = json.loads(result.stdout.strip().splitlines()[-1])
-    assert read == {"version": 2, "offload": EXPECTED[name][4]}
+    in_process = FSDPSettings(**{**read, "wrap_classes": tuple(read["wrap_classes"])})
+    assert launch_file_settings(yaml.safe_load(path.read_text())) == in_process
+    if name == "user-written":
+        assert in_process.wrap_classes == ("T5Block", "LlamaDecoderLayer")
+        assert (in_process.version, in_process.mixed_precision) == (1, "bf16")
+        return
+    for model_config in (T5Config(), LlamaConfig()):
+        check_fsdp_settings(in_process, "fp32", model_config)
+    assert (in_process.version, in_process.offload_params) == (2, EXPECTED[name][4])
 
 
 @pytest.mark.parametrize("ds_config", DS_CONFIGS, ids=lambda path: path.name)

@@ -56,14 +56,18 @@ def smoke_args(assets, output_dir: Path, **overrides) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def settings(slurm_cluster: Path, tmp_path_factory) -> Path:
-    """slurm/dev-cluster.yaml with a fresh submitit folder (a new cluster restarts job ids at 1)."""
-    folder = tmp_path_factory.mktemp("submitit")
+def cluster_settings(folder: Path) -> Path:
+    """slurm/dev-cluster.yaml with its submitit folder in `folder`, fresh (a new cluster
+    restarts job ids at 1); the settings file is written there too."""
     values = yaml.safe_load((REPO / "slurm/dev-cluster.yaml").read_text())
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump({**values, "folder": str(folder / "%j")}))
     return path
+
+
+@pytest.fixture(scope="module")
+def settings(slurm_cluster: Path, tmp_path_factory) -> Path:
+    return cluster_settings(tmp_path_factory.mktemp("submitit"))
 
 
 def submit(

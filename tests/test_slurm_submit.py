@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -157,16 +158,19 @@ def test_dry_run_prints_sbatch_files_and_per_node_commands(capsys, no_slurm, tmp
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
 
 
-def test_node_command_is_valid_accelerate_launch_arguments():
+@pytest.mark.parametrize("launch", ["zero2", "fsdp2"])
+def test_node_command_is_valid_accelerate_launch_arguments(launch):
+    """DeepSpeed gets one launcher per node (not pdsh); FSDP, like DDP, goes through torchrun
+    with the machine flags alone."""
     from accelerate.commands.launch import launch_command_parser
 
     job = LaunchJob(
-        launch_config=str(REPO / "launch/zero2.yaml"),
+        launch_config=str(REPO / f"launch/{launch}.yaml"),
         processes_per_node=2,
         recipe_argv=tuple(RECIPE),
         workdir=str(REPO),
         max_requeues=1,
-        is_deepspeed=True,
+        is_deepspeed=launch == "zero2",
     )
     node = NodeLaunch(
         num_machines=2,
@@ -180,8 +184,72 @@ def test_node_command_is_valid_accelerate_launch_arguments():
     args = launch_command_parser().parse_args(command[3:])
     assert (args.num_machines, args.machine_rank, args.num_processes) == (2, 1, 4)
     assert (args.main_process_ip, args.main_process_port) == ("10.0.0.1", 20007)
-    assert args.deepspeed_multinode_launcher == "standard"
+    if launch == "zero2":
+        assert args.deepspeed_multinode_launcher == "standard"
+    else:
+        assert not any("deepspeed" in arg for arg in command)
     assert args.training_script == "recipes/finetune.py" and args.training_script_args == RECIPE[1:]
+
+
+FSDP2_LAUNCH = yaml.safe_load((REPO / "launch/fsdp2.yaml").read_text())
+
+
+def dev_cluster_with(launch: Path) -> tuple[str, ...]:
+    return ("--config", "slurm/dev-cluster.yaml", "--launch", str(launch))
+
+
+@pytest.mark.parametrize(
+    ("fsdp_config", "recipe_args", "message"),
+    [
+        (
+            {"fsdp_version": 1},
+            [],
+            "fsdp_config.fsdp_version=1: clustertune runs FSDP2 (fully_shard, DTensor state "
+            "dicts); set fsdp_version: 2 (launch/fsdp2.yaml)",
+        ),
+        (
+            {"fsdp_state_dict_type": "FULL_STATE_DICT"},
+            [],
+            "fsdp_config.fsdp_state_dict_type=FULL_STATE_DICT: FSDP2 runs are checkpointed sharded",
+        ),
+        (
+            {"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"},
+            [],
+            "names LlamaDecoderLayer, which 't5' models do not have (their blocks: T5Block)",
+        ),
+        (
+            {"mixed_precision": "bf16"},
+            ["--model.dtype=fp32"],
+            "the launch file's mixed_precision=bf16 contradicts model.dtype=fp32",
+        ),
+    ],
+)
+def test_fsdp_launch_file_is_refused_before_submitting_as_the_recipe_refuses_it(
+    capsys, fake_slurm, tmp_path, fsdp_config, recipe_args, message
+):
+    """The line the recipe would print at start (fsdp.check_fsdp_settings; tests/test_fsdp2.py
+    runs the recipe), after the launch file's name."""
+    launch = {**FSDP2_LAUNCH, "fsdp_config": dict(FSDP2_LAUNCH["fsdp_config"])}
+    for key, value in fsdp_config.items():
+        (launch["fsdp_config"] if key.startswith("fsdp_") else launch)[key] = value
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(launch))
+    code, out, err = submit(capsys, *dev_cluster_with(path), "--", *RECIPE, *recipe_args)
+    assert code == 2, (out, err)
+    assert err.startswith(f"clustertune: error: {path}: ") and len(err.strip().splitlines()) == 1
+    assert message in err
+    assert not fake_slurm["calls"].exists()  # no scontrol, let alone sbatch
+
+
+def test_fsdp_mixed_precision_with_dtype_auto_is_left_to_the_node(capsys, no_slurm, tmp_path):
+    """model.dtype=auto becomes bf16 or fp32 on the node, so only the job can compare them."""
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump({**FSDP2_LAUNCH, "mixed_precision": "bf16"}))
+    recipe = [*RECIPE, "--model.dtype=auto", f"--output_dir={tmp_path / 'run'}"]
+    code, out, err = submit(capsys, *dev_cluster_with(path), "--dry-run", "--", *recipe)
+    assert code == 0, err
+    node_command = out.split("runs ----\n")[1].splitlines()[0]
+    assert f"--config_file {path}" in node_command and "deepspeed" not in node_command
 
 
 @pytest.mark.parametrize(

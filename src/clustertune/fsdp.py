@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,18 @@ SHARDED = "SHARDED_STATE_DICT"
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "NO_WRAP")
 
 
-def _flag(name: str, default: str = "false") -> bool:
-    return os.environ.get(name, default).lower() == "true"
+# What `accelerate launch` exports from a launch file's fsdp_config (keys with or without the
+# fsdp_ prefix) for the settings clustertune reads: accelerate.utils.launch.prepare_multi_gpu_env.
+LAUNCH_FILE_VARIABLES = {
+    "fsdp_version": "FSDP_VERSION",
+    "fsdp_auto_wrap_policy": "FSDP_AUTO_WRAP_POLICY",
+    "fsdp_transformer_layer_cls_to_wrap": "FSDP_TRANSFORMER_CLS_TO_WRAP",
+    "fsdp_state_dict_type": "FSDP_STATE_DICT_TYPE",
+    "fsdp_reshard_after_forward": "FSDP_RESHARD_AFTER_FORWARD",
+    "fsdp_offload_params": "FSDP_OFFLOAD_PARAMS",
+    "fsdp_cpu_ram_efficient_loading": "FSDP_CPU_RAM_EFFICIENT_LOADING",
+    "fsdp_activation_checkpointing": "FSDP_ACTIVATION_CHECKPOINTING",
+}
 
 
 @dataclass(frozen=True)
@@ -67,27 +77,54 @@ class FSDPSettings:
         return f"FSDP2{offload}"
 
 
-def fsdp_settings() -> FSDPSettings | None:
-    """The launch file's FSDP settings, or None when this is not an FSDP launch."""
-    if not _flag("ACCELERATE_USE_FSDP"):
+def fsdp_settings(env: Mapping[str, str] | None = None) -> FSDPSettings | None:
+    """The launch file's FSDP settings from the variables accelerate launch exported (env:
+    this process's environment unless given), or None when this is not an FSDP launch."""
+    env = os.environ if env is None else env
+
+    def flag(name: str, default: str = "false") -> bool:
+        return env.get(name, default).lower() == "true"
+
+    if not flag("ACCELERATE_USE_FSDP"):
         return None
-    classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    classes = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     return FSDPSettings(
-        version=int(os.environ.get("FSDP_VERSION", "1")),
-        wrap_policy=os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+        version=int(env.get("FSDP_VERSION", "1")),
+        wrap_policy=env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
         wrap_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
-        state_dict_type=os.environ.get("FSDP_STATE_DICT_TYPE", SHARDED),
-        reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
-        offload_params=_flag("FSDP_OFFLOAD_PARAMS"),
-        cpu_ram_efficient_loading=_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
-        activation_checkpointing=_flag("FSDP_ACTIVATION_CHECKPOINTING"),
-        mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+        state_dict_type=env.get("FSDP_STATE_DICT_TYPE", SHARDED),
+        reshard_after_forward=flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+        offload_params=flag("FSDP_OFFLOAD_PARAMS"),
+        cpu_ram_efficient_loading=flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
+        activation_checkpointing=flag("FSDP_ACTIVATION_CHECKPOINTING"),
+        mixed_precision=env.get("ACCELERATE_MIXED_PRECISION", "no"),
     )
 
 
-def check_fsdp_settings(settings: FSDPSettings, dtype: str, model_config: Any) -> None:
+def launch_file_settings(launch: Mapping[str, Any]) -> FSDPSettings | None:
+    """The FSDP settings the processes of this launch file will read (what accelerate launch
+    exports from it, rendered as it renders them), so that a launch file can be checked
+    before it is launched (clustertune-submit); None when it is not an FSDP launch file."""
+    if str(launch.get("distributed_type", "NO")).upper() != "FSDP":
+        return None
+    env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "ACCELERATE_MIXED_PRECISION": str(launch.get("mixed_precision") or "no").lower(),
+    }
+    for key, value in (launch.get("fsdp_config") or {}).items():
+        name = LAUNCH_FILE_VARIABLES.get(key if key.startswith("fsdp_") else f"fsdp_{key}")
+        if name is not None and value is not None:
+            env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return fsdp_settings(env)
+
+
+def check_fsdp_settings(
+    settings: FSDPSettings, dtype: str | None = None, model_config: Any = None
+) -> None:
     """Refuse, before any compute, a launch file that contradicts the training config or
-    that clustertune cannot resume from: one line naming the key and the fix."""
+    that clustertune cannot resume from: one line naming the key and the fix. Without a
+    dtype or model config (clustertune-submit, before the job resolves them) the checks
+    that need them are left to the job."""
     if settings.version != 2:
         raise UserError(
             f"fsdp_config.fsdp_version={settings.version}: clustertune runs FSDP2 (fully_shard, "
@@ -107,13 +144,17 @@ def check_fsdp_settings(settings: FSDPSettings, dtype: str, model_config: Any) -
             "TRANSFORMER_BASED_WRAP (each transformer block a shard group) or NO_WRAP."
         )
     wanted = {"bf16": "bf16", "fp16": "fp16"}.get(settings.mixed_precision)
-    if wanted is not None and wanted != dtype:
+    if wanted is not None and dtype is not None and wanted != dtype:
         raise UserError(
             f"the launch file's mixed_precision={settings.mixed_precision} contradicts "
             f"model.dtype={dtype}, which owns the precision; set model.dtype={wanted}, or "
             "remove mixed_precision from the launch file."
         )
-    if settings.wrap_policy == "TRANSFORMER_BASED_WRAP" and settings.wrap_classes:
+    if (
+        settings.wrap_policy == "TRANSFORMER_BASED_WRAP"
+        and settings.wrap_classes
+        and model_config is not None
+    ):
         known = set(block_classes(model_config))
         unknown = [c for c in settings.wrap_classes if c not in known]
         if unknown:

@@ -36,6 +36,8 @@ def node_command(
     rendezvous flags overriding the launch file's values."""
     argv = accelerate_launch_argv(node, launch_config, recipe_argv[0], list(recipe_argv[1:]))
     flags = argv[2:]  # drop "accelerate launch": clustertune-launch takes the same arguments
+    # DDP and FSDP launch files go through accelerate's torchrun launcher, which takes these
+    # flags as they are (--num_machines, --machine_rank: torchrun's --nnodes, --node_rank).
     if is_deepspeed:
         # One launcher per node, like torchrun; accelerate's default for several machines
         # is pdsh, which would ssh into the other nodes itself.

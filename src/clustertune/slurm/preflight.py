@@ -1,15 +1,15 @@
 """Preflight: every mistake visible before submitting, as one UserError each; the dry-run text.
 
-`preflight` checks the recipe, the launch file against nodes x processes_per_node, the batch
-arithmetic (clustertune.sampler.check_batch_arithmetic, the rule training itself applies),
-model and data paths or Hugging Face cache entries the offline nodes will need, with
-`--then evaluate` the evaluation config (parsed and checked as recipes/evaluate.py will, its
-eval data included), with `--prepare-shards N` the data as `clustertune-data prepare` checks
-it and the prepared set already there (clustertune.slurm.prepare), and the partitions (where
-sinfo exists); it warns about node-local output and data folders. It returns the
-`SubmissionPlan`: the checked settings and the submitit jobs (clustertune.slurm.job.LaunchJob,
-clustertune.slurm.prepare.PrepareJob) to run; clustertune.slurm.submit submits it, or renders
-it for --dry-run.
+`preflight` checks the recipe, the launch file against nodes x processes_per_node (an FSDP one
+also as the job will, clustertune.fsdp.check_fsdp_settings), the batch arithmetic
+(clustertune.sampler.check_batch_arithmetic, the rule training itself applies), model and data
+paths or Hugging Face cache entries the offline nodes will need, with `--then evaluate` the
+evaluation config (parsed and checked as recipes/evaluate.py will, its eval data included), with
+`--prepare-shards N` the data as `clustertune-data prepare` checks it and the prepared set
+already there (clustertune.slurm.prepare), and the partitions (where sinfo exists); it warns
+about node-local output and data folders. It returns the `SubmissionPlan`: the checked settings
+and the submitit jobs (clustertune.slurm.job.LaunchJob, clustertune.slurm.prepare.PrepareJob)
+to run; clustertune.slurm.submit submits it, or renders it for --dry-run.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from clustertune.deepspeed_config import load_deepspeed_json, zero_stage
 from clustertune.errors import UserError
 from clustertune.evaluation.config import EvaluateConfig
 from clustertune.evaluation.config import _check_values as check_resolved_values
+from clustertune.fsdp import check_fsdp_settings, launch_file_settings
+from clustertune.modeling import load_model_config
 from clustertune.reshard import resume_plan
 from clustertune.run_folder import CHECKPOINT_MARKER, EVAL_DIR, RunFolder
 from clustertune.run_identity import FINAL_PROMPT_KEYS
@@ -196,6 +198,27 @@ def _launch_file(settings: SlurmSettings, workdir: Path) -> tuple[Path, dict[str
     return path, launch
 
 
+def _check_fsdp_launch(
+    where: str, launch: dict[str, Any], workdir: Path, model: Any = None
+) -> None:
+    """An FSDP launch file, checked as the job checks it (fsdp.check_fsdp_settings, the same
+    line) as far as this machine can: the precision only where model.dtype is not auto (auto
+    is resolved on the node), the wrapped classes where the model's config loads here."""
+    settings = launch_file_settings(launch)
+    if settings is None:
+        return
+    dtype = model_config = None
+    if model is not None:
+        dtype = None if model.dtype == "auto" else model.dtype
+        if settings.wrap_classes:
+            with _working_directory(workdir), contextlib.suppress(UserError):
+                model_config = load_model_config(model.name_or_path)
+    try:
+        check_fsdp_settings(settings, dtype, model_config)
+    except UserError as refused:
+        raise UserError(f"{where}: {refused}") from None
+
+
 def _partitions(warnings: list[str]) -> list[str] | None:
     """The cluster's partitions, or None where sinfo is missing or cannot reach a controller."""
     if shutil.which("sinfo") is None:
@@ -224,7 +247,8 @@ def _resume_note(
         return None
     ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
     stage = zero_stage(load_deepspeed_json(str(workdir / ds_file))) if ds_file else 0
-    note = resume_plan(checkpoint, world_size=world, zero_stage=stage)
+    engine = "fsdp2" if distributed_type(launch) == "FSDP" else ""
+    note = resume_plan(checkpoint, world_size=world, zero_stage=stage, engine=engine)
     return note or f"continues {checkpoint} (saved on {world} rank(s), as this job)"
 
 
@@ -290,9 +314,12 @@ def preflight(
         )
 
     output_dir = resume_note = prepare = None
-    if Path(script).name == "finetune.py":
+    if Path(script).name != "finetune.py":
+        _check_fsdp_launch(settings.launch, launch, workdir)
+    else:
         with _working_directory(workdir):  # the recipe's relative paths, as the job sees them
             cfg = parse_config(FinetuneConfig, list(recipe_argv[1:]))
+        _check_fsdp_launch(settings.launch, launch, workdir, cfg.model)
         if not cfg.train.micro_batch_tokens:  # a token budget splits any global batch
             check_batch_arithmetic(
                 cfg.train.global_batch_size,
@@ -353,6 +380,7 @@ def preflight(
             raise UserError(f"--eval-config '{eval_config}' does not exist.")
         eval_settings = dataclasses.replace(settings, launch=eval_launch or settings.launch)
         eval_path, eval_launch_data = _launch_file(eval_settings, workdir)
+        _check_fsdp_launch(f"--eval-launch {eval_settings.launch}", eval_launch_data, workdir)
         eval_distributed = distributed_type(eval_launch_data)
         if eval_distributed == "NO" and world != 1:
             raise UserError(

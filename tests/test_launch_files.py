@@ -168,7 +168,9 @@ USER_WRITTEN_FSDP = {
 
 
 @pytest.mark.parametrize(
-    "name", [name for name, e in sorted(EXPECTED.items()) if e[0] == "FSDP"] + ["user-written"]
+    "name",
+    [name for name, e in sorted(EXPECTED.items()) if e[0] == "FSDP"]
+    + ["user-written", "user-written-list"],
 )
 def test_fsdp_launch_files_reach_the_processes_as_clustertune_reads_them(name, tmp_path):
     """The settings `accelerate launch` exports from the file, read back in the process by
@@ -184,9 +186,15 @@ def test_fsdp_launch_files_reach_the_processes_as_clustertune_reads_them(name, t
     from clustertune.fsdp import FSDPSettings, check_fsdp_settings, launch_file_settings
 
     path = REPO / "launch" / f"{name}.yaml"
-    if name == "user-written":
+    if name.startswith("user-written"):
+        launch = yaml.safe_load(yaml.safe_dump(USER_WRITTEN_FSDP))
+        if name == "user-written-list":  # a YAML list reaches the processes as "['A', 'B']"
+            launch["fsdp_config"]["transformer_layer_cls_to_wrap"] = [
+                "T5Block",
+                "LlamaDecoderLayer",
+            ]
         path = tmp_path / "fsdp.yaml"
-        path.write_text(yaml.safe_dump(USER_WRITTEN_FSDP))
+        path.write_text(yaml.safe_dump(launch))
     probe = tmp_path / "probe.py"
     probe.write_text(FSDP_PROBE)
     command = [
@@ -204,7 +212,7 @@ def test_fsdp_launch_files_reach_the_processes_as_clustertune_reads_them(name, t
     read = json.loads(result.stdout.strip().splitlines()[-1])
     in_process = FSDPSettings(**{**read, "wrap_classes": tuple(read["wrap_classes"])})
     assert launch_file_settings(yaml.safe_load(path.read_text())) == in_process
-    if name == "user-written":
+    if name.startswith("user-written"):
         assert in_process.wrap_classes == ("T5Block", "LlamaDecoderLayer")
         assert (in_process.version, in_process.mixed_precision) == (1, "bf16")
         return

@@ -91,7 +91,8 @@ def fsdp_settings(env: Mapping[str, str] | None = None) -> FSDPSettings | None:
     return FSDPSettings(
         version=int(env.get("FSDP_VERSION", "1")),
         wrap_policy=env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
-        wrap_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+        # "A,B" as accelerate documents it; a YAML list reaches the processes as "['A', 'B']"
+        wrap_classes=tuple(name for c in classes.split(",") if (name := c.strip().strip("[]'\" "))),
         state_dict_type=env.get("FSDP_STATE_DICT_TYPE", SHARDED),
         reshard_after_forward=flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
         offload_params=flag("FSDP_OFFLOAD_PARAMS"),

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     add_shared_arguments(parser, data_help="auto: DialogSum dev+test when present, else smoke data")
-    parser.set_defaults(tokenizer="dialogsum-bpe")
+    parser.set_defaults(tokenizer="dialogsum-bpe", shape="cpu-large")
     args = parser.parse_args(argv)
     if args.quick:  # the script works: tiny model, 2 steps of 4, DDP and FSDP2 only
         args.shape, args.steps, args.batch_size, args.rounds = "tiny", 2, 4, 1

@@ -126,6 +126,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     assert f"resumed from {unfinished / 'checkpoints' / 'step_2'} at step 2" in result.stdout
     assert_continues_exactly(unfinished, finished, after=2)
     assert checkpoint_damage(unfinished / "checkpoints" / "step_4") is None  # replaced
+    replaced = lines_of(result.stdout, "replaced ")
+    assert len(replaced) == 1 and f"step_4 ({name}" in replaced[0], replaced  # the same reason
 
 
 def test_a_checkpoint_without_its_marker_is_trained_again_and_replaced(

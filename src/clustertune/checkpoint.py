@@ -301,7 +301,9 @@ class Checkpointer:
                 f"write ({', '.join(foreign[:3])}); move them out of checkpoints/ and rerun the "
                 "same command to resume."
             )
-        why = checkpoint_damage(final, checksums=False) or "of settings allowed to change"
+        # a rare event (a resume that skipped this newer checkpoint): reading it once more for
+        # its checksums names the right reason, damage or a settings change
+        why = checkpoint_damage(final) or "of settings allowed to change"
         remove_checkpoint(final)
         self.log(f"replaced {final} ({why}) with the checkpoint of this run")
 

@@ -215,8 +215,8 @@ def test_other_strategies_are_refused_with_what_is_possible(smoke_assets, workdi
     zero3 = chain("zero3", "lora", smoke_assets, workdir).grown / "checkpoints" / "step_6"
     refusals = [
         (ddp, 2, "launch/ddp.yaml or launch/single_gpu.yaml (any number of processes)"),
-        (zero2, 3, "resume it with launch/zero1.yaml or launch/zero2.yaml (any number"),
-        (zero3, 0, "resume it with launch/zero3.yaml or launch/zero3_offload.yaml (any number"),
+        (zero2, 3, "resume it with launch/zero1.yaml, launch/zero2.yaml or launch/fsdp2.yaml (any"),
+        (zero3, 0, "launch/zero3.yaml, launch/zero3_offload.yaml or launch/fsdp2.yaml (any"),
     ]
     for checkpoint, stage, possible in refusals:
         with pytest.raises(UserError) as refused:
@@ -230,7 +230,7 @@ def test_other_strategies_are_refused_with_what_is_possible(smoke_assets, workdi
     refused = launch("zero2", 1, smoke_assets, workdir / "refused", "lora", resume=ddp)
     lines = [line for line in refused.stderr.splitlines() if "clustertune: error:" in line]
     assert refused.returncode == 2 and len(lines) == 1, describe(refused)
-    assert "made by DDP on 2 rank(s) and cannot continue under DeepSpeed (ZeRO)" in lines[0]
+    assert "made by DDP on 2 rank(s) and cannot continue under a DeepSpeed (ZeRO) launch" in lines[0]
 
 
 def test_layout_of_checkpoints_that_did_not_record_their_stage(tmp_path):
@@ -309,7 +309,7 @@ def test_dry_run_says_it_will_reshard(smoke_assets, workdir, tmp_path, capsys, m
     assert cli.main([*common, "--launch", "launch/zero3.yaml", "--dry-run", "--", *recipe]) == 0
     warned = capsys.readouterr().err
     assert "warning: the job will stop before training: the checkpoint in" in warned, warned
-    assert "resume it with launch/zero1.yaml or launch/zero2.yaml" in warned
+    assert "resume it with launch/zero1.yaml, launch/zero2.yaml or launch/fsdp2.yaml" in warned
 
 
 def test_zz_print_resume_matrix():

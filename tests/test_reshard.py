@@ -230,7 +230,9 @@ def test_other_strategies_are_refused_with_what_is_possible(smoke_assets, workdi
     refused = launch("zero2", 1, smoke_assets, workdir / "refused", "lora", resume=ddp)
     lines = [line for line in refused.stderr.splitlines() if "clustertune: error:" in line]
     assert refused.returncode == 2 and len(lines) == 1, describe(refused)
-    assert "made by DDP on 2 rank(s) and cannot continue under a DeepSpeed (ZeRO) launch" in lines[0]
+    assert (
+        "made by DDP on 2 rank(s) and cannot continue under a DeepSpeed (ZeRO) launch" in lines[0]
+    )
 
 
 def test_layout_of_checkpoints_that_did_not_record_their_stage(tmp_path):

@@ -109,6 +109,16 @@ def all_ranks_agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def raise_main_failure_everywhere(error: BaseException | None, what: str) -> None:
+    """Collective: after the main process tried `what` (catching `error`), every rank raises
+    if it failed, the main process its own exception, the others one line pointing at its log,
+    so no rank goes on to wait for a result that will never come."""
+    if not all_ranks_agree(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"the main process could not {what} (see its log)")
+
+
 STALE_LOCK_SECONDS = 600  # a DeepSpeed op JIT build takes ~1.5 min on 2 CPU cores
 
 

@@ -144,7 +144,7 @@ def fsdp_to_universal(checkpoint: Path, engine: Any, *, is_main: bool, log: Any 
     counts as a conversion's, and removed by `finish_fsdp_to_universal` once loaded."""
     import shutil
 
-    from clustertune.distributed import all_ranks_agree
+    from clustertune.distributed import all_ranks_agree, raise_main_failure_everywhere
     from clustertune.reshard import run_deepspeed_converter, universal_info
     from clustertune.run_folder import DEEPSPEED_TAG, FSDP_TAG, UNIVERSAL_TMP_PREFIX
 
@@ -166,10 +166,7 @@ def fsdp_to_universal(checkpoint: Path, engine: Any, *, is_main: bool, log: Any 
                 )
         except Exception as caught:
             error = caught
-    if not all_ranks_agree(error is None):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"the main process could not convert {checkpoint} (see its log)")
+    raise_main_failure_everywhere(error, f"convert {checkpoint}")
     return work / "universal"
 
 

@@ -409,7 +409,7 @@ def universal_for_resume(
     """Collective: every rank calls it. The main process converts (or finds the cache) while
     the others wait at an all-reduce; all then load from the returned folder. A failure on the
     main process is raised on every rank (no rank waits forever for a conversion that died)."""
-    from clustertune.distributed import all_ranks_agree
+    from clustertune.distributed import raise_main_failure_everywhere
 
     folder = checkpoint / UNIVERSAL_DIR
     error: BaseException | None = None
@@ -418,10 +418,7 @@ def universal_for_resume(
             folder = convert_to_universal(checkpoint, log=log).folder
         except Exception as caught:
             error = caught
-    if not all_ranks_agree(error is None):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"the main process could not convert {checkpoint} (see its log)")
+    raise_main_failure_everywhere(error, f"convert {checkpoint}")
     wait_until_visible(folder / UNIVERSAL_MARKER)
     return folder
 

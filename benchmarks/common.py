@@ -284,16 +284,17 @@ def publish(
     json_path: Path | None,
     plot_path: Path | None,
     print_table: Callable[[dict[str, Any]], None],
-    plot: Callable[[dict[str, Any], Path], None],
+    plot: Callable[[dict[str, Any], Path], None] | None = None,
 ) -> None:
-    import json
+    """Print the table, then write the JSON (whole or not at all) and the chart where asked."""
+    from clustertune.atomicio import write_json_atomic
 
     print_table(results)
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_path, results, sort_keys=False)
         print(f"results written to {json_path}")
-    if plot_path:
+    if plot_path and plot is not None:
         plot(results, plot_path)
         print(f"chart written to {plot_path}")
 

@@ -45,6 +45,7 @@ from common import (
     environment,
     load_pairs,
     load_tokenizer,
+    publish,
     save_t5_folder,
 )
 from scaling import free_port, throughput
@@ -230,12 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         **environment(torch.device("cpu"), load_start),
     }
-    print_table(results)
-    if args.json:
-        from clustertune.atomicio import write_json_atomic
-
-        write_json_atomic(args.json, results)
-        print(f"results written to {args.json}")
+    publish(results, args.json, None, print_table)
     return results
 
 

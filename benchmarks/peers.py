@@ -51,6 +51,7 @@ from common import (
     environment,
     load_pairs,
     load_tokenizer,
+    publish,
     quiet_libraries,
     save_llama_folder,
     save_t5_folder,
@@ -384,12 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "every system's whole epoch is timed after one untimed forward+backward warm-up",
         **environment(device, load_before[0]),
     }
-    print_table(results)
-    if args.json:
-        from clustertune.atomicio import write_json_atomic
-
-        write_json_atomic(args.json, results)
-        print(f"results written to {args.json}")
+    publish(results, args.json, None, print_table)
     return results
 
 

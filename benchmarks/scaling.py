@@ -39,6 +39,7 @@ from common import (
     environment,
     load_pairs,
     load_tokenizer,
+    publish,
     save_t5_folder,
 )
 
@@ -231,12 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in runs.values():
         if base and "tokens_per_second" in r:
             r["ratio_vs_1_process"] = r["tokens_per_second"] / base
-    print_table(results)
-    if args.json:
-        from clustertune.atomicio import write_json_atomic
-
-        write_json_atomic(args.json, results)
-        print(f"results written to {args.json}")
+    publish(results, args.json, None, print_table)
     return results
 
 

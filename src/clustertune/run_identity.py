@@ -21,6 +21,7 @@ a run whose steps so far were taken otherwise, and config.yaml would no longer d
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -118,10 +119,32 @@ def fingerprint(cfg: FinetuneConfig, extra: dict[str, Any] | None = None) -> dic
     return jsonable(
         {
             **{key: _dotted_get(cfg, key) for key in FINGERPRINT_KEYS},
+            **_mixture_identity(cfg),
             "batch_plan_version": BATCH_PLAN_VERSION,
             **(extra or {}),
         }
     )
+
+
+# A mixture source's settings that do not change its training examples.
+_MIXTURE_EVAL_KEYS = ("eval_file", "eval_split")
+
+
+def _mixture_identity(cfg: FinetuneConfig) -> dict[str, Any]:
+    """A mixture's sources and weights, one key per setting a source sets
+    ("data.mixture[dialogs].weight"), so a change is named as precisely as any other; nothing
+    for a run without a mixture (its fingerprint stays as it was)."""
+    if not cfg.data.mixture:
+        return {}
+    identity: dict[str, Any] = {
+        "data.mixture_weights": cfg.data.mixture_weights,
+        "data.mixture_examples": cfg.data.mixture_examples,
+    }
+    for source in cfg.data.mixture:
+        for key, value in asdict(source).items():
+            if value is not None and key not in _MIXTURE_EVAL_KEYS:
+                identity[f"data.mixture[{source.label}].{key}"] = value
+    return identity
 
 
 def final_prompt_settings(cfg: FinetuneConfig, template_date: str | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 from clustertune.atomicio import file_lock, write_json_atomic
 from clustertune.errors import UserError
 from clustertune.prepare.fingerprint import differences, fingerprint_id
+from clustertune.run_folder import evaluation_evidence, inside_run_part, training_run_evidence
 
 MANIFEST = "manifest.json"
 SHARD_RECORD = "shard.json"
@@ -106,6 +107,8 @@ class PreparedSet:
         fingerprint). The manifest is written whole (atomically): no lock needed to read it."""
         manifest_path = Path(root) / MANIFEST
         if not manifest_path.is_file():
+            if explicit:
+                _refuse_a_run_folder(Path(root))
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -130,6 +133,7 @@ class PreparedSet:
     ) -> PreparedSet:
         """The prepared set in `root` for this fingerprint (`existing`), its manifest written
         if new. `count`: the shards asked for (None: the manifest's, else 1)."""
+        cls.existing(root, fingerprint, explicit=explicit)  # refusals before the lock file
         with file_lock(Path(root) / ".lock-manifest"):
             found = cls.existing(root, fingerprint, explicit=explicit)
             if found is not None:
@@ -236,3 +240,17 @@ class DamagedShard(Exception):
     def __init__(self, folder: Path, problem: str) -> None:
         super().__init__(f"{folder}: {problem}")
         self.folder, self.problem = folder, problem
+
+
+def _refuse_a_run_folder(root: Path) -> None:
+    """A data.prepared_dir that holds a training run or an evaluation, or lies in a run's
+    checkpoints/ or final/ (which the run prunes or replaces), is refused: prepared data is
+    written only into a folder of its own."""
+    evidence = training_run_evidence(root) or evaluation_evidence(root)
+    inside = inside_run_part(root)
+    where = f"holds the files of a run ({', '.join(evidence)})" if evidence else f"is {inside}"
+    if evidence or inside:
+        raise UserError(
+            f"data.prepared_dir '{root}' {where}, where prepared data must not be written; "
+            "give it a folder of its own, e.g. beside the run folder."
+        )

@@ -43,17 +43,21 @@ def check_data_for_model(data_cfg: DataConfig, kind: str) -> None:
     """What the data settings ask of the model, from its config alone (before any compute)."""
     if kind == "causal":
         return
-    for key, value, why in (
-        ("data.format", data_cfg.format == "chat", "chat conversations need"),
-        ("data.use_chat_template", data_cfg.use_chat_template is True, "chat templates need"),
-        ("data.packing", data_cfg.packing, "packing needs"),
-    ):
-        if value:
-            raise UserError(
-                f"{key}: {why} a decoder-only model, and this one is seq2seq (its encoder "
-                "and decoder read separate sequences; it trains length-grouped and padded); "
-                f"remove {key}, or fine-tune a causal model."
-            )
+    # the data section, then each mixture source's own settings (a source may set its format)
+    sections = [("data", data_cfg), *((f"data.mixture[{s.label}]", s) for s in data_cfg.mixture)]
+    for section, settings in sections:
+        for name, asked, why in (
+            ("format", "chat", "chat conversations need"),
+            ("use_chat_template", True, "chat templates need"),
+            ("packing", True, "packing needs"),
+        ):
+            key = f"{section}.{name}"
+            if getattr(settings, name, None) == asked:
+                raise UserError(
+                    f"{key}: {why} a decoder-only model, and this one is seq2seq (its encoder "
+                    "and decoder read separate sequences; it trains length-grouped and padded); "
+                    f"remove {key}, or fine-tune a causal model."
+                )
 
 
 def tokenize_spec(

@@ -252,3 +252,52 @@ def test_mixture_config_mistakes_are_one_line():
     for arg, message in cases.items():
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_config(FinetuneConfig, [arg])
+
+
+def test_a_mixture_belongs_to_the_run_identity():
+    """Another weight or source is another run: a resume names the change (and a run without a
+    mixture keeps the fingerprint it had)."""
+    from clustertune.config import FinetuneConfig, parse_config
+    from clustertune.run_identity import changed_settings, fingerprint
+
+    def config(weight: float) -> FinetuneConfig:
+        mixture = f"[{{name: a, train_file: a.jsonl}}, {{name: b, train_file: b.jsonl, weight: {weight}}}]"
+        return parse_config(FinetuneConfig, [f"--data.mixture={mixture}"])
+
+    recorded = {"fingerprint": fingerprint(config(1.0))}
+    assert changed_settings(recorded, config(1.0), total_steps=10) == {}
+    changes = changed_settings(recorded, config(2.0), total_steps=10)
+    assert changes == {"data.mixture[b].weight": (1.0, 2.0)}
+    plain = fingerprint(parse_config(FinetuneConfig, ["--data.train_file=a.jsonl"]))
+    assert not [key for key in plain if key.startswith("data.mixture")]
+
+
+def test_a_seq2seq_model_refuses_a_mixture_source_of_conversations():
+    from clustertune.config import FinetuneConfig, parse_config
+    from clustertune.training_data import check_data_for_model
+
+    mixture = (
+        "[{name: dialogs, train_file: a.jsonl}, {name: chats, train_file: c.jsonl, format: chat}]"
+    )
+    cfg = parse_config(FinetuneConfig, [f"--data.mixture={mixture}"])
+    with pytest.raises(UserError, match=r"data\.mixture\[chats\]\.format: chat conversations need"):
+        check_data_for_model(cfg.data, "seq2seq")
+    check_data_for_model(cfg.data, "causal")
+
+
+def test_prepared_data_is_never_written_into_a_run(tmp_path):
+    from clustertune.prepare.store import PreparedSet
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "config.yaml").write_text("seed: 0\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    refused = prepare(f"--data.prepared_dir={run}")
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert f"data.prepared_dir '{run}' holds the files of a run" in lines[0]
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # not even a lock file
+    with pytest.raises(UserError, match="the final/ of the training run"):
+        PreparedSet.open(run / "final" / "prepared", {}, None, explicit=True)
+    assert not (run / "final" / "prepared").exists()

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 import torch
 
+from clustertune.chat.encode import IGNORE_INDEX  # the label of a token with no loss
 from clustertune.data_files import (  # noqa: F401  (the loading API, re-exported)
     ALL_EMPTY,
     LOCAL_FORMATS,
@@ -30,7 +31,6 @@ from clustertune.data_files import (  # noqa: F401  (the loading API, re-exporte
 )
 from clustertune.errors import UserError
 
-IGNORE_INDEX = -100
 # Part of every tokenisation's cache key (datasets hashes the spec, not the code it calls):
 # bump it when what a row becomes changes, so no cache made by other code is read.
 TOKENIZE_VERSION = 2

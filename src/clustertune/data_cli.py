@@ -31,9 +31,9 @@ import sys
 import time
 from typing import Any
 
+from clustertune.chat.encode import IGNORE_INDEX
 from clustertune.errors import UserError, exit_on_user_error
 
-IGNORE_INDEX = -100
 HIGHLIGHT, RESET = "\033[1;32m", "\033[0m"  # trained text in bold green
 PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"  # trained text when the output is not a terminal
 

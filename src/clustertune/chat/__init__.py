@@ -10,7 +10,6 @@ from clustertune.chat.encode import (
     encode_conversation,
     prompt_text,
     render,
-    reply_text,
 )
 from clustertune.chat.messages import ROLES, Conversation, Problem, parse_conversation
 from clustertune.chat.resolve import end_of_turn_ids, training_template
@@ -47,7 +46,6 @@ __all__ = [
     "parse_conversation",
     "prompt_text",
     "render",
-    "reply_text",
     "resolve_chat_template",
     "training_template",
     "uses_chat_template",

@@ -220,11 +220,3 @@ def prompt_text(
         **template_kwargs,
     )
     return text
-
-
-def reply_text(tokenizer: Any, template: ChatTemplate, conversation: Conversation) -> str:
-    """The last reply as the template writes it (reasoning, tool calls, content, end of turn):
-    the text a model given prompt_text is trained to generate."""
-    text, spans = spans_of(tokenizer, template, conversation)
-    group = _reply_groups(text, spans, conversation.messages)[-1]
-    return text[group[0][0] : group[-1][1]]

@@ -251,6 +251,8 @@ def test_layout_of_checkpoints_that_did_not_record_their_stage(tmp_path):
         assert saved_layout(step).zero_stage == stage
         assert not needs_universal(step, world_size=2, zero_stage=stage or 2)
         assert needs_universal(step, world_size=1, zero_stage=stage or 2)
+        # under FSDP2 a ZeRO checkpoint is read from its universal form, on any world size
+        assert needs_universal(step, world_size=2, zero_stage=0, fsdp=True)
     shutil.rmtree(step / "engine")
     assert saved_layout(step).zero_stage == 0  # no engine/: DDP or one process
 

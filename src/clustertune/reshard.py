@@ -215,11 +215,17 @@ def reshard_note(saved_world_size: int, world_size: int) -> str:
     return f"resharded from {saved_world_size} to {world_size} ranks, "
 
 
-def needs_universal(checkpoint: Path, *, world_size: int, zero_stage: int) -> bool:
-    """A ZeRO checkpoint of another world size, or of the other one of ZeRO-1/2 (an older
-    checkpoint that did not record its stage loads as it did before, on its own world size)."""
+def needs_universal(
+    checkpoint: Path, *, world_size: int, zero_stage: int, fsdp: bool = False
+) -> bool:
+    """Whether resuming `checkpoint` goes through DeepSpeed's universal form: always between
+    ZeRO and FSDP2 (either way); between ZeRO launches, for another world size or the other one
+    of ZeRO-1/2 (an older checkpoint that did not record its stage loads as it did before, on
+    its own world size). `fsdp`: this launch is FSDP2."""
     saved = saved_layout(checkpoint)
-    if saved.is_fsdp:  # an FSDP2 checkpoint reaches a ZeRO engine only as a universal one
+    if fsdp:
+        return saved.is_deepspeed
+    if saved.is_fsdp:
         return zero_stage != 0
     other_stage = saved.zero_stage is not None and saved.zero_stage != zero_stage
     return (

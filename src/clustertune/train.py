@@ -249,7 +249,10 @@ class Trainer:
         runtime = self.runtime
         stage = zero_stage(runtime.deepspeed_template)
         converts = resume_from is not None and needs_universal(
-            resume_from, world_size=runtime.world_size, zero_stage=stage
+            resume_from,
+            world_size=runtime.world_size,
+            zero_stage=stage,
+            fsdp=runtime.fsdp is not None,
         )
         check_outputs_fit(
             self.cfg,

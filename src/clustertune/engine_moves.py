@@ -144,9 +144,15 @@ def fsdp_to_universal(checkpoint: Path, engine: Any, *, is_main: bool, log: Any 
     counts as a conversion's, and removed by `finish_fsdp_to_universal` once loaded."""
     import shutil
 
+    from clustertune.atomicio import write_json_atomic
     from clustertune.distributed import all_ranks_agree, raise_main_failure_everywhere
-    from clustertune.reshard import run_deepspeed_converter, universal_info
-    from clustertune.run_folder import DEEPSPEED_TAG, FSDP_TAG, UNIVERSAL_TMP_PREFIX
+    from clustertune.reshard import run_deepspeed_converter, universal_info, wait_until_visible
+    from clustertune.run_folder import (
+        DEEPSPEED_TAG,
+        FSDP_TAG,
+        UNIVERSAL_MARKER,
+        UNIVERSAL_TMP_PREFIX,
+    )
 
     work = checkpoint / f"{UNIVERSAL_TMP_PREFIX}from-fsdp2"
     if is_main:
@@ -160,6 +166,7 @@ def fsdp_to_universal(checkpoint: Path, engine: Any, *, is_main: bool, log: Any 
             universal = work / "universal" / DEEPSPEED_TAG
             run_deepspeed_converter(work / "fresh" / DEEPSPEED_TAG, universal, workers=1)
             count = _fill_from_dcp(universal, checkpoint / FSDP_TAG)
+            write_json_atomic(work / "universal" / UNIVERSAL_MARKER, {"parameters": count})
             if log is not None:
                 log(
                     f"wrote the {count} parameters of FSDP2 checkpoint {checkpoint} as DeepSpeed's universal form"
@@ -167,6 +174,7 @@ def fsdp_to_universal(checkpoint: Path, engine: Any, *, is_main: bool, log: Any 
         except Exception as caught:
             error = caught
     raise_main_failure_everywhere(error, f"convert {checkpoint}")
+    wait_until_visible(work / "universal" / UNIVERSAL_MARKER)  # other nodes' view of the folder
     return work / "universal"
 
 

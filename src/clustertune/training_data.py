@@ -175,13 +175,12 @@ def refuse_template_faults(tokenized: Any, template: Any, num_rows: int) -> None
     positions = data_lib.problem_positions(tokenized)
     if not num_rows or len(positions) < num_rows:
         return
-    refused = [
-        p for p in tokenized.select(positions)["problem"] if p.startswith(chat.REFUSED_BY_TEMPLATE)
-    ]
+    faults = [chat.fault_of_refused(p) for p in tokenized.select(positions)["problem"]]
+    refused = [fault for fault in faults if fault is not None]
     if len(refused) == num_rows:
         raise UserError(
             f"the chat template ({template.origin}) fails on every row: "
-            f"{refused[0][len(chat.REFUSED_BY_TEMPLATE) + 2 : -1]}; fix the template"
+            f"{refused[0]}; fix the template"
             + (f" file {template.path}." if template.path else ".")
         )
 

@@ -8,7 +8,9 @@ from clustertune.chat.encode import (
     REFUSED_BY_TEMPLATE,
     Rendered,
     encode_conversation,
+    fault_of_refused,
     prompt_text,
+    refused_by_template,
     render,
 )
 from clustertune.chat.messages import ROLES, Conversation, Problem, parse_conversation
@@ -41,10 +43,12 @@ __all__ = [
     "TemplateFault",
     "check_template_available",
     "encode_conversation",
+    "fault_of_refused",
     "end_of_turn_ids",
     "has_chat_template",
     "parse_conversation",
     "prompt_text",
+    "refused_by_template",
     "render",
     "resolve_chat_template",
     "training_template",

@@ -30,6 +30,21 @@ from clustertune.chat.template import (
 
 IGNORE_INDEX = -100
 REFUSED_BY_TEMPLATE = "is refused by the chat template"
+
+
+def refused_by_template(fault: Exception) -> Problem:
+    """A row the template itself raised on: the words `fault_of_refused` reads back."""
+    return Problem(f"{REFUSED_BY_TEMPLATE} ({fault})")
+
+
+def fault_of_refused(problem: str) -> str | None:
+    """The template's own error in a `refused_by_template` problem (None: another problem);
+    rows cross datasets.map as plain strings, so the words are the record."""
+    if not problem.startswith(f"{REFUSED_BY_TEMPLATE} ("):
+        return None
+    return problem[len(REFUSED_BY_TEMPLATE) + 2 : -1]
+
+
 Span = tuple[int, int]  # [start, end) characters of the rendered text
 
 
@@ -170,7 +185,7 @@ def encode_conversation(
     try:
         text, spans = spans_of(tokenizer, template, conversation)
     except TemplateFault as fault:
-        return Problem(f"{REFUSED_BY_TEMPLATE} ({fault})")
+        return refused_by_template(fault)
     except NotPrefixPreserving as error:
         return Problem(
             "cannot be rendered as the continuation of its shorter prefixes (turn "

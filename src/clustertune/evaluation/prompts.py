@@ -177,7 +177,7 @@ def chat_example(
     try:
         text, ids = _prompt(tokenizer, style, conversation)
     except chat.TemplateFault as fault:
-        return chat.Problem(f"is refused by the chat template ({fault})")
+        return chat.refused_by_template(fault)
     if len(ids) >= max_length:
         return chat.Problem(
             f"is {len(ids)} tokens before its last assistant reply, which leaves the reply no room "
